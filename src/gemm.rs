@@ -1,0 +1,148 @@
+//! The only doorway to the GEMM crate: strided matrix views and `dst (+)= a * b`.
+
+use crate::simd::Float;
+
+/// A read-only strided matrix view: element (i, j) lives at `ptr + i*rs + j*cs`.
+#[derive(Clone, Copy)]
+pub struct Mat<T> {
+    ptr: *const T,
+    rows: usize,
+    cols: usize,
+    rs: isize,
+    cs: isize,
+}
+
+/// A writable strided matrix view.
+pub struct MatMut<T> {
+    ptr: *mut T,
+    rows: usize,
+    cols: usize,
+    rs: isize,
+    cs: isize,
+}
+
+// SAFETY: the views are plain pointers that the callers of `matmul` keep valid and, for `MatMut`,
+// unaliased while the product runs; the GEMM crate reads and writes them from its worker threads.
+unsafe impl<T: Sync> Send for Mat<T> {}
+unsafe impl<T: Sync> Sync for Mat<T> {}
+unsafe impl<T: Send> Send for MatMut<T> {}
+
+impl<T> Mat<T> {
+    /// `rows x cols` row-major matrix with leading dimension `ld` over `s` (checked to fit).
+    pub fn new(s: &[T], rows: usize, cols: usize, ld: usize) -> Self {
+        assert!(cols <= ld || rows <= 1, "leading dimension");
+        assert!(
+            rows == 0 || cols == 0 || (rows - 1) * ld + cols <= s.len(),
+            "matrix out of bounds"
+        );
+        Mat {
+            ptr: s.as_ptr(),
+            rows,
+            cols,
+            rs: ld as isize,
+            cs: 1,
+        }
+    }
+    /// The transpose (no copy).
+    pub fn t(self) -> Self {
+        Mat {
+            ptr: self.ptr,
+            rows: self.cols,
+            cols: self.rows,
+            rs: self.cs,
+            cs: self.rs,
+        }
+    }
+}
+
+impl<T> MatMut<T> {
+    /// `rows x cols` row-major matrix with leading dimension `ld` over `s` (checked to fit).
+    pub fn new(s: &mut [T], rows: usize, cols: usize, ld: usize) -> Self {
+        assert!(cols <= ld || rows <= 1, "leading dimension");
+        assert!(
+            rows == 0 || cols == 0 || (rows - 1) * ld + cols <= s.len(),
+            "matrix out of bounds"
+        );
+        MatMut {
+            ptr: s.as_mut_ptr(),
+            rows,
+            cols,
+            rs: ld as isize,
+            cs: 1,
+        }
+    }
+    /// # Safety
+    /// `ptr` must address a `rows x cols` matrix with leading dimension `ld` that nothing else
+    /// touches while the view is used (the sweep hands disjoint rows to its threads this way).
+    pub unsafe fn from_raw(ptr: *mut T, rows: usize, cols: usize, ld: usize) -> Self {
+        MatMut {
+            ptr,
+            rows,
+            cols,
+            rs: ld as isize,
+            cs: 1,
+        }
+    }
+}
+
+/// `dst = a * b` (or `dst += a * b` when `accumulate`), on up to `threads` threads of the
+/// current rayon pool (1: the calling thread only).
+pub fn matmul<T: Float>(dst: MatMut<T>, accumulate: bool, a: Mat<T>, b: Mat<T>, threads: usize) {
+    assert!(
+        a.rows == dst.rows && b.cols == dst.cols && a.cols == b.rows,
+        "matmul shapes"
+    );
+    if dst.rows == 0 || dst.cols == 0 {
+        return;
+    }
+    if a.cols == 0 {
+        if !accumulate {
+            for i in 0..dst.rows {
+                for j in 0..dst.cols {
+                    // SAFETY: (i, j) is inside the view.
+                    unsafe { *dst.ptr.offset(i as isize * dst.rs + j as isize * dst.cs) = T::ZERO };
+                }
+            }
+        }
+        return;
+    }
+    let par = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: the views were checked to fit their slices when built (or promised by `from_raw`),
+    // and the shapes agree. gemm computes dst = alpha*dst + beta*a*b.
+    unsafe {
+        gemm::gemm(
+            dst.rows,
+            dst.cols,
+            a.cols,
+            dst.ptr,
+            dst.cs,
+            dst.rs,
+            accumulate,
+            a.ptr,
+            a.cs,
+            a.rs,
+            b.ptr,
+            b.cs,
+            b.rs,
+            T::ONE,
+            T::ONE,
+            false,
+            false,
+            false,
+            par,
+        )
+    }
+}
+
+/// `out[j] += sum_i m[i][j]` over the rows of a row-major `rows x cols` matrix.
+pub fn add_column_sums<T: Float>(out: &mut [T], m: &[T], cols: usize) {
+    for row in m.chunks_exact(cols) {
+        for (o, &v) in out.iter_mut().zip(row) {
+            *o += v;
+        }
+    }
+}

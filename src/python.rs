@@ -1,0 +1,594 @@
+//! `rnnkit._core`: the one place where Python meets the kernels. Arguments are checked here
+//! (shape, dtype, contiguity), NumPy buffers are read in place, the GIL is released while the
+//! kernels run, and [`Error`] becomes a Python exception.
+
+use crate::cells::CellKind;
+use crate::error::Error;
+use crate::simd::Float;
+use crate::sweep::{self, Dims, Grads, Layer, Layout, Tape, Weights};
+use numpy::{
+    Element, PyArray3, PyArrayDescrMethods, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn,
+    PyReadwriteArrayDyn, PyUntypedArray, PyUntypedArrayMethods,
+};
+use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyList, PyTuple};
+use std::sync::Mutex;
+
+impl From<Error> for PyErr {
+    fn from(e: Error) -> PyErr {
+        match e {
+            Error::DType(m) => PyTypeError::new_err(m),
+            Error::Shape(m) | Error::Value(m) => PyValueError::new_err(m),
+        }
+    }
+}
+
+fn value_err(msg: String) -> PyErr {
+    PyValueError::new_err(msg)
+}
+
+/// Borrow `obj` (argument `name`) as a C-contiguous read-only array of `T` with `ndim` dims.
+fn readonly<'py, T: Element>(
+    obj: &Bound<'py, PyAny>,
+    name: &str,
+    ndim: usize,
+) -> PyResult<PyReadonlyArrayDyn<'py, T>> {
+    let arr = obj.cast::<PyUntypedArray>().map_err(|_| {
+        PyTypeError::new_err(format!(
+            "{name} must be a numpy array; got {}",
+            type_name(obj)
+        ))
+    })?;
+    let dt = arr.dtype();
+    let want = numpy::dtype::<T>(obj.py());
+    if !dt.is_equiv_to(&want) {
+        return Err(PyTypeError::new_err(format!(
+            "{name} must have dtype {}; got {}",
+            want, dt
+        )));
+    }
+    if arr.ndim() != ndim {
+        return Err(value_err(format!(
+            "{name} must be {ndim}-dimensional; got shape {:?}",
+            arr.shape()
+        )));
+    }
+    if !arr.is_c_contiguous() {
+        return Err(value_err(format!(
+            "{name} must be C-contiguous (use numpy.ascontiguousarray)"
+        )));
+    }
+    let typed = obj.cast::<PyArrayDyn<T>>()?;
+    typed
+        .try_readonly()
+        .map_err(|e| value_err(format!("{name}: {e}")))
+}
+
+fn readwrite<'py, T: Element>(
+    obj: &Bound<'py, PyAny>,
+    name: &str,
+    ndim: usize,
+) -> PyResult<PyReadwriteArrayDyn<'py, T>> {
+    readonly::<T>(obj, name, ndim)?;
+    let typed = obj.cast::<PyArrayDyn<T>>()?;
+    typed.try_readwrite().map_err(|e| {
+        value_err(format!(
+            "{name} cannot be written (read-only or passed twice): {e}"
+        ))
+    })
+}
+
+fn type_name(obj: &Bound<'_, PyAny>) -> String {
+    obj.get_type()
+        .name()
+        .map(|n| n.to_string())
+        .unwrap_or_else(|_| "?".into())
+}
+
+fn opt<'py, T: Element>(
+    obj: Option<&Bound<'py, PyAny>>,
+    name: &str,
+    ndim: usize,
+) -> PyResult<Option<PyReadonlyArrayDyn<'py, T>>> {
+    match obj {
+        Some(o) if !o.is_none() => Ok(Some(readonly::<T>(o, name, ndim)?)),
+        _ => Ok(None),
+    }
+}
+
+fn slice<'a, T: Element>(a: &'a PyReadonlyArrayDyn<'_, T>) -> &'a [T] {
+    a.as_slice().expect("checked C-contiguous")
+}
+
+fn parse_cell(name: &str) -> PyResult<CellKind> {
+    CellKind::parse(name).ok_or_else(|| {
+        value_err(format!(
+            "cell must be one of 'rnn_tanh', 'rnn_relu', 'lstm', 'gru'; got {name:?}"
+        ))
+    })
+}
+
+/// Per direction: (weight_ih, weight_hh, bias_ih, bias_hh) as read-only borrows.
+type Borrowed<'py, T> = Vec<[PyReadonlyArrayDyn<'py, T>; 4]>;
+
+const PARAM_NAMES: [&str; 4] = ["weight_ih", "weight_hh", "bias_ih", "bias_hh"];
+
+fn borrow_params<'py, T: Element>(
+    list: &Bound<'py, PyAny>,
+    name: &str,
+) -> PyResult<Borrowed<'py, T>> {
+    let list = list.cast::<PyList>().map_err(|_| {
+        PyTypeError::new_err(format!(
+            "{name} must be a list of 4-tuples of arrays, one per direction"
+        ))
+    })?;
+    let mut out = Vec::new();
+    for (d, item) in list.iter().enumerate() {
+        let t = item.cast::<PyTuple>().map_err(|_| {
+            PyTypeError::new_err(format!(
+                "{name}[{d}] must be a tuple (weight_ih, weight_hh, bias_ih, bias_hh)"
+            ))
+        })?;
+        if t.len() != 4 {
+            return Err(value_err(format!(
+                "{name}[{d}] must have 4 arrays; got {}",
+                t.len()
+            )));
+        }
+        let mut arrs = Vec::with_capacity(4);
+        for (k, pname) in PARAM_NAMES.iter().enumerate() {
+            arrs.push(readonly::<T>(
+                &t.get_item(k)?,
+                &format!("{name}[{d}].{pname}"),
+                if k < 2 { 2 } else { 1 },
+            )?);
+        }
+        out.push(
+            arrs.try_into()
+                .map_err(|_| value_err("unreachable".into()))?,
+        );
+    }
+    Ok(out)
+}
+
+fn weights_of<'a, T: Element>(b: &'a Borrowed<'_, T>) -> Vec<Weights<'a, T>> {
+    b.iter()
+        .map(|[a, bb, c, d]| Weights {
+            w_ih: slice(a),
+            w_hh: slice(bb),
+            b_ih: slice(c),
+            b_hh: slice(d),
+        })
+        .collect()
+}
+
+fn layer_of(
+    cell: CellKind,
+    shape: &[usize],
+    batch_first: bool,
+    hidden: usize,
+    directions: usize,
+) -> Layer {
+    let (batch, seq_len) = if batch_first {
+        (shape[0], shape[1])
+    } else {
+        (shape[1], shape[0])
+    };
+    Layer {
+        cell,
+        dims: Dims {
+            seq_len,
+            batch,
+            input: shape[2],
+            hidden,
+        },
+        layout: if batch_first {
+            Layout::BatchFirst
+        } else {
+            Layout::TimeMajor
+        },
+        directions,
+    }
+}
+
+fn parse_lengths(obj: Option<&Bound<'_, PyAny>>) -> PyResult<Option<Vec<usize>>> {
+    let Some(obj) = obj.filter(|o| !o.is_none()) else {
+        return Ok(None);
+    };
+    let arr = readonly::<i64>(obj, "lengths", 1)?;
+    slice(&arr)
+        .iter()
+        .enumerate()
+        .map(|(b, &v)| {
+            usize::try_from(v).map_err(|_| {
+                value_err(format!(
+                    "lengths[{b}] = {v} is out of range; every length must be at least 1"
+                ))
+            })
+        })
+        .collect::<PyResult<Vec<_>>>()
+        .map(Some)
+}
+
+enum AnyTape {
+    F32(Tape<f32>),
+    F64(Tape<f64>),
+}
+
+/// What a training forward kept for backward (opaque). `backward` consumes it.
+#[pyclass(module = "rnnkit._core", name = "Tape", frozen)]
+pub struct PyTape {
+    inner: Mutex<Option<AnyTape>>,
+    dtype: &'static str,
+}
+
+#[pymethods]
+impl PyTape {
+    /// Whether backward has not been run on this tape yet.
+    #[getter]
+    fn pending(&self) -> bool {
+        self.inner.lock().map(|t| t.is_some()).unwrap_or(false)
+    }
+    fn __repr__(&self) -> String {
+        format!(
+            "<rnnkit Tape {} {}>",
+            self.dtype,
+            if self.pending() { "pending" } else { "used" }
+        )
+    }
+}
+
+type ForwardOut<'py> = (
+    Bound<'py, PyAny>,
+    Bound<'py, PyAny>,
+    Option<Bound<'py, PyAny>>,
+    Option<Py<PyTape>>,
+);
+
+trait Wrap: Float + Element {
+    fn wrap(t: Tape<Self>) -> AnyTape;
+    fn unwrap(t: AnyTape) -> Option<Tape<Self>>;
+}
+impl Wrap for f32 {
+    fn wrap(t: Tape<f32>) -> AnyTape {
+        AnyTape::F32(t)
+    }
+    fn unwrap(t: AnyTape) -> Option<Tape<f32>> {
+        match t {
+            AnyTape::F32(t) => Some(t),
+            AnyTape::F64(_) => None,
+        }
+    }
+}
+impl Wrap for f64 {
+    fn wrap(t: Tape<f64>) -> AnyTape {
+        AnyTape::F64(t)
+    }
+    fn unwrap(t: AnyTape) -> Option<Tape<f64>> {
+        match t {
+            AnyTape::F64(t) => Some(t),
+            AnyTape::F32(_) => None,
+        }
+    }
+}
+
+fn float_kind(obj: &Bound<'_, PyAny>, name: &str) -> PyResult<&'static str> {
+    let arr = obj.cast::<PyUntypedArray>().map_err(|_| {
+        PyTypeError::new_err(format!(
+            "{name} must be a numpy array; got {}",
+            type_name(obj)
+        ))
+    })?;
+    let dt = arr.dtype();
+    if dt.is_equiv_to(&numpy::dtype::<f32>(obj.py())) {
+        Ok("float32")
+    } else if dt.is_equiv_to(&numpy::dtype::<f64>(obj.py())) {
+        Ok("float64")
+    } else {
+        Err(PyTypeError::new_err(format!(
+            "{name} must have dtype float32 or float64; got {dt}"
+        )))
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn forward_t<'py, T: Wrap>(
+    py: Python<'py>,
+    cell: CellKind,
+    x: &Bound<'py, PyAny>,
+    weights: &Bound<'py, PyAny>,
+    h0: Option<&Bound<'py, PyAny>>,
+    c0: Option<&Bound<'py, PyAny>>,
+    lengths: Option<&Bound<'py, PyAny>>,
+    batch_first: bool,
+    train: bool,
+) -> PyResult<ForwardOut<'py>> {
+    let xa = readonly::<T>(x, "x", 3)?;
+    let params = borrow_params::<T>(weights, "weights")?;
+    let nd = params.len();
+    if nd != 1 && nd != 2 {
+        return Err(value_err(format!(
+            "weights must hold 1 or 2 directions; got {nd}"
+        )));
+    }
+    let hidden = params[0][1].shape()[1];
+    let layer = layer_of(cell, xa.shape(), batch_first, hidden, nd);
+    let h0a = opt::<T>(h0, "h0", 3)?;
+    let c0a = opt::<T>(c0, "c0", 3)?;
+    let lens = parse_lengths(lengths)?;
+    let d = layer.dims;
+    let yshape = if batch_first {
+        [d.batch, d.seq_len, nd * d.hidden]
+    } else {
+        [d.seq_len, d.batch, nd * d.hidden]
+    };
+    let y = PyArray3::<T>::zeros(py, yshape, false);
+    let hn = PyArray3::<T>::zeros(py, [nd, d.batch, d.hidden], false);
+    let cn = cell
+        .has_c()
+        .then(|| PyArray3::<T>::zeros(py, [nd, d.batch, d.hidden], false));
+    let tape = {
+        let mut yw = y.readwrite();
+        let mut hw = hn.readwrite();
+        let mut cw = cn.as_ref().map(|c| c.readwrite());
+        let (ys, hs) = (
+            yw.as_slice_mut().expect("new array"),
+            hw.as_slice_mut().expect("new array"),
+        );
+        let cs: &mut [T] = match cw.as_mut() {
+            Some(c) => c.as_slice_mut().expect("new array"),
+            None => &mut [],
+        };
+        let w = weights_of(&params);
+        let (xs, h0s, c0s) = (slice(&xa), h0a.as_ref().map(slice), c0a.as_ref().map(slice));
+        py.detach(|| sweep::forward(&layer, xs, &w, h0s, c0s, lens.as_deref(), ys, hs, cs, train))?
+    };
+    let tape = match tape {
+        Some(t) => Some(Py::new(
+            py,
+            PyTape {
+                inner: Mutex::new(Some(T::wrap(t))),
+                dtype: T::NAME,
+            },
+        )?),
+        None => None,
+    };
+    Ok((y.into_any(), hn.into_any(), cn.map(|c| c.into_any()), tape))
+}
+
+/// Run one recurrent layer (one or two directions) over a batch of sequences.
+///
+/// Returns `(y, hn, cn, tape)`: `cn` is None unless `cell == "lstm"`, `tape` None unless `train`.
+#[pyfunction]
+#[pyo3(signature = (cell, x, weights, h0=None, c0=None, lengths=None, batch_first=true, train=false))]
+#[allow(clippy::too_many_arguments)]
+fn forward<'py>(
+    py: Python<'py>,
+    cell: &str,
+    x: &Bound<'py, PyAny>,
+    weights: &Bound<'py, PyAny>,
+    h0: Option<&Bound<'py, PyAny>>,
+    c0: Option<&Bound<'py, PyAny>>,
+    lengths: Option<&Bound<'py, PyAny>>,
+    batch_first: bool,
+    train: bool,
+) -> PyResult<ForwardOut<'py>> {
+    let cell = parse_cell(cell)?;
+    match float_kind(x, "x")? {
+        "float32" => forward_t::<f32>(py, cell, x, weights, h0, c0, lengths, batch_first, train),
+        _ => forward_t::<f64>(py, cell, x, weights, h0, c0, lengths, batch_first, train),
+    }
+}
+
+type BackwardOut<'py> = (
+    Bound<'py, PyAny>,
+    Bound<'py, PyAny>,
+    Option<Bound<'py, PyAny>>,
+);
+
+#[allow(clippy::too_many_arguments)]
+fn backward_t<'py, T: Wrap>(
+    py: Python<'py>,
+    tape: &PyTape,
+    weights: &Bound<'py, PyAny>,
+    dy: &Bound<'py, PyAny>,
+    dhn: Option<&Bound<'py, PyAny>>,
+    dcn: Option<&Bound<'py, PyAny>>,
+    grads: &Bound<'py, PyAny>,
+) -> PyResult<BackwardOut<'py>> {
+    let params = borrow_params::<T>(weights, "weights")?;
+    let dya = readonly::<T>(dy, "dy", 3)?;
+    let dhna = opt::<T>(dhn, "dhn", 3)?;
+    let dcna = opt::<T>(dcn, "dcn", 3)?;
+    let glist = grads.cast::<PyList>().map_err(|_| {
+        PyTypeError::new_err("grads must be a list of 4-tuples of arrays, one per direction")
+    })?;
+    let mut gbufs = Vec::new();
+    for (d, item) in glist.iter().enumerate() {
+        let t = item
+            .cast::<PyTuple>()
+            .map_err(|_| PyTypeError::new_err(format!("grads[{d}] must be a tuple of 4 arrays")))?;
+        if t.len() != 4 {
+            return Err(value_err(format!(
+                "grads[{d}] must have 4 arrays; got {}",
+                t.len()
+            )));
+        }
+        let mut arrs = Vec::with_capacity(4);
+        for (k, pname) in PARAM_NAMES.iter().enumerate() {
+            arrs.push(readwrite::<T>(
+                &t.get_item(k)?,
+                &format!("grads[{d}].{pname}"),
+                if k < 2 { 2 } else { 1 },
+            )?);
+        }
+        gbufs.push(arrs);
+    }
+    // Take the tape only once every argument has been accepted, so that a bad call can be retried.
+    let layer = {
+        let guard = tape
+            .inner
+            .lock()
+            .map_err(|_| value_err("tape is poisoned".into()))?;
+        let t = guard.as_ref().ok_or_else(|| {
+            value_err(
+                "backward was already run for this forward; run a training forward again".into(),
+            )
+        })?;
+        match t {
+            AnyTape::F32(t) => *t.layer(),
+            AnyTape::F64(t) => *t.layer(),
+        }
+    };
+    let d = layer.dims;
+    let nd = layer.directions;
+    let want = if layer.layout == Layout::BatchFirst {
+        [d.batch, d.seq_len, nd * d.hidden]
+    } else {
+        [d.seq_len, d.batch, nd * d.hidden]
+    };
+    if dya.shape() != want {
+        return Err(value_err(format!(
+            "dy must have shape {:?} (the shape of y); got {:?}",
+            want,
+            dya.shape()
+        )));
+    }
+    for (name, a) in [("dhn", &dhna), ("dcn", &dcna)] {
+        if let Some(a) = a {
+            if a.shape() != [nd, d.batch, d.hidden] {
+                return Err(value_err(format!(
+                    "{name} must have shape {:?}; got {:?}",
+                    [nd, d.batch, d.hidden],
+                    a.shape()
+                )));
+            }
+        }
+    }
+    let typed = {
+        let mut guard = tape
+            .inner
+            .lock()
+            .map_err(|_| value_err("tape is poisoned".into()))?;
+        let any = guard
+            .take()
+            .ok_or_else(|| value_err("backward was already run for this forward".into()))?;
+        T::unwrap(any).ok_or_else(|| {
+            PyTypeError::new_err(format!(
+                "dy must have the dtype of the forward pass ({})",
+                tape.dtype
+            ))
+        })?
+    };
+    let xshape = if layer.layout == Layout::BatchFirst {
+        [d.batch, d.seq_len, d.input]
+    } else {
+        [d.seq_len, d.batch, d.input]
+    };
+    let dx = PyArray3::<T>::zeros(py, xshape, false);
+    let dh0 = PyArray3::<T>::zeros(py, [nd, d.batch, d.hidden], false);
+    let dc0 = layer
+        .cell
+        .has_c()
+        .then(|| PyArray3::<T>::zeros(py, [nd, d.batch, d.hidden], false));
+    {
+        let mut dxw = dx.readwrite();
+        let mut dhw = dh0.readwrite();
+        let mut dcw = dc0.as_ref().map(|c| c.readwrite());
+        let dcs: &mut [T] = match dcw.as_mut() {
+            Some(c) => c.as_slice_mut().expect("new array"),
+            None => &mut [],
+        };
+        let mut gs: Vec<Grads<'_, T>> = gbufs
+            .iter_mut()
+            .map(|arrs| {
+                let [a, b, c, e] = arrs.as_mut_slice() else {
+                    unreachable!("4 arrays were checked")
+                };
+                Grads {
+                    w_ih: a.as_slice_mut().expect("checked"),
+                    w_hh: b.as_slice_mut().expect("checked"),
+                    b_ih: c.as_slice_mut().expect("checked"),
+                    b_hh: e.as_slice_mut().expect("checked"),
+                }
+            })
+            .collect();
+        let w = weights_of(&params);
+        let (dys, dhns, dcns) = (
+            slice(&dya),
+            dhna.as_ref().map(slice),
+            dcna.as_ref().map(slice),
+        );
+        let (dxs, dhs) = (
+            dxw.as_slice_mut().expect("new array"),
+            dhw.as_slice_mut().expect("new array"),
+        );
+        py.detach(|| sweep::backward(typed, &w, dys, dhns, dcns, dxs, dhs, dcs, &mut gs))?;
+    }
+    Ok((dx.into_any(), dh0.into_any(), dc0.map(|c| c.into_any())))
+}
+
+/// Backpropagate through the layer recorded in `tape` (consumed).
+///
+/// `grads` (one 4-tuple per direction, shaped like the weights) are added to in place.
+/// Returns `(dx, dh0, dc0)`; `dc0` is None unless the layer is an LSTM.
+#[pyfunction]
+#[pyo3(signature = (tape, weights, dy, dhn=None, dcn=None, *, grads))]
+fn backward<'py>(
+    py: Python<'py>,
+    tape: &Bound<'py, PyTape>,
+    weights: &Bound<'py, PyAny>,
+    dy: &Bound<'py, PyAny>,
+    dhn: Option<&Bound<'py, PyAny>>,
+    dcn: Option<&Bound<'py, PyAny>>,
+    grads: &Bound<'py, PyAny>,
+) -> PyResult<BackwardOut<'py>> {
+    let t = tape.get();
+    match t.dtype {
+        "float32" => backward_t::<f32>(py, t, weights, dy, dhn, dcn, grads),
+        _ => backward_t::<f64>(py, t, weights, dy, dhn, dcn, grads),
+    }
+}
+
+/// Use `n` threads for the kernels (1 disables threading).
+#[pyfunction]
+fn set_num_threads(py: Python<'_>, n: i64) -> PyResult<()> {
+    let n = usize::try_from(n)
+        .ok()
+        .filter(|&n| n > 0)
+        .ok_or_else(|| value_err(format!("n must be a positive integer; got {n}")))?;
+    py.detach(|| crate::threads::set_num_threads(n))?;
+    Ok(())
+}
+
+/// The number of threads the kernels use.
+#[pyfunction]
+fn get_num_threads() -> usize {
+    crate::threads::get_num_threads()
+}
+
+/// The instruction set the pointwise kernels were dispatched to: "avx512", "avx2" or "baseline".
+#[pyfunction]
+fn simd_level() -> &'static str {
+    crate::simd::level().name()
+}
+
+/// Number of gate blocks of a cell ("rnn_tanh", "rnn_relu", "lstm", "gru").
+#[pyfunction]
+fn gates(cell: &str) -> PyResult<usize> {
+    Ok(parse_cell(cell)?.gates())
+}
+
+#[pymodule]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(forward, m)?)?;
+    m.add_function(wrap_pyfunction!(backward, m)?)?;
+    m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
+    m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
+    m.add_function(wrap_pyfunction!(simd_level, m)?)?;
+    m.add_function(wrap_pyfunction!(gates, m)?)?;
+    m.add_class::<PyTape>()?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    Ok(())
+}

@@ -1,0 +1,314 @@
+//! The scalar types, their vectorisable activation math, and run-time CPU dispatch.
+//!
+//! The pointwise kernels are written once, as plain loops over slices whose bodies are
+//! branch-free (`select` instead of `if`), and compiled three times by [`dispatch`]: for
+//! AVX-512, for AVX2+FMA and for the x86-64 baseline. LLVM vectorises each copy for its
+//! instruction set; the copy is chosen at run time from the CPU's feature flags, so one wheel
+//! runs on any x86-64 and still uses the widest vectors the machine has.
+
+use std::fmt::Debug;
+use std::ops::{Add, AddAssign, Div, Mul, Neg, Sub};
+use std::sync::OnceLock;
+
+/// A floating-point element type the kernels run on (`f32` or `f64`).
+pub trait Float:
+    Copy
+    + Send
+    + Sync
+    + Debug
+    + Default
+    + PartialOrd
+    + Add<Output = Self>
+    + Sub<Output = Self>
+    + Mul<Output = Self>
+    + Div<Output = Self>
+    + Neg<Output = Self>
+    + AddAssign
+    + 'static
+{
+    const ZERO: Self;
+    const ONE: Self;
+    /// Name of the type as NumPy spells it.
+    const NAME: &'static str;
+    fn from_f64(v: f64) -> Self;
+    fn to_f64(self) -> f64;
+    /// Logistic sigmoid `1 / (1 + e^-x)`.
+    fn sigmoid(self) -> Self;
+    /// Hyperbolic tangent.
+    fn tanh(self) -> Self;
+    /// `max(x, 0)`, propagating NaN.
+    #[inline(always)]
+    fn relu(self) -> Self {
+        if self < Self::ZERO {
+            Self::ZERO
+        } else {
+            self
+        }
+    }
+    /// `a * b + c`; fused where the target has FMA.
+    #[inline(always)]
+    fn mul_add(self, b: Self, c: Self) -> Self {
+        self * b + c
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// float32: polynomial exp / tanh written to vectorise (no branches, no table look-ups).
+// Coefficients are the classic minimax fits for these ranges (as in Cephes' expf and tanhf).
+// ---------------------------------------------------------------------------------------------
+
+const EXP_HI: f32 = 88.376_26;
+const EXP_LO: f32 = -87.336_55;
+const LOG2E: f32 = std::f32::consts::LOG2_E;
+const LN2_HI: f32 = 0.693_359_4;
+const LN2_LO: f32 = -2.121_944_4e-4;
+/// 1.5 * 2^23: adding it rounds a float in (-2^22, 2^22) to an integer held in the low mantissa bits.
+const ROUND_MAGIC: f32 = 12_582_912.0;
+
+/// `e^x` in float32, within 2 ulp over the whole range; saturates to 0 / 2^128-ish at the ends and
+/// propagates NaN.
+#[inline(always)]
+pub fn exp_f32(x: f32) -> f32 {
+    // `clamp` keeps NaN (comparisons with NaN are false), unlike `min`/`max`.
+    let x = x.clamp(EXP_LO, EXP_HI);
+    let shifted = x.mul_add(LOG2E, ROUND_MAGIC);
+    let n = shifted - ROUND_MAGIC;
+    // Integer n sits in the low bits of `shifted`; move it into the exponent field of 1.0.
+    let scale = f32::from_bits((shifted.to_bits() << 23).wrapping_add(0x3f80_0000));
+    let r = n.mul_add(-LN2_LO, n.mul_add(-LN2_HI, x));
+    let mut p = 1.987_569_1e-4_f32;
+    p = p.mul_add(r, 1.398_199_9e-3);
+    p = p.mul_add(r, 8.333_452e-3);
+    p = p.mul_add(r, 4.166_579_6e-2);
+    p = p.mul_add(r, 1.666_666_5e-1);
+    p = p.mul_add(r, 5.000_000_1e-1);
+    let y = (p * r).mul_add(r, r) + 1.0;
+    y * scale
+}
+
+#[inline(always)]
+fn tanh_f32(x: f32) -> f32 {
+    let a = x.abs();
+    // Small |x|: odd polynomial (no cancellation). Large |x|: 1 - 2 / (e^{2|x|} + 1).
+    let z = x * x;
+    let mut p = -5.704_988_7e-3_f32;
+    p = p.mul_add(z, 2.063_908_9e-2);
+    p = p.mul_add(z, -5.373_971_6e-2);
+    p = p.mul_add(z, 1.333_144_2e-1);
+    p = p.mul_add(z, -3.333_328_2e-1);
+    let small = (p * z).mul_add(x, x);
+    let e = exp_f32(a + a);
+    let big = (1.0 - 2.0 / (e + 1.0)).copysign(x);
+    if a < 0.625 {
+        small
+    } else {
+        big
+    }
+}
+
+impl Float for f32 {
+    const ZERO: Self = 0.0;
+    const ONE: Self = 1.0;
+    const NAME: &'static str = "float32";
+    #[inline(always)]
+    fn from_f64(v: f64) -> Self {
+        v as f32
+    }
+    #[inline(always)]
+    fn to_f64(self) -> f64 {
+        self as f64
+    }
+    #[inline(always)]
+    fn sigmoid(self) -> Self {
+        1.0 / (1.0 + exp_f32(-self))
+    }
+    #[inline(always)]
+    fn tanh(self) -> Self {
+        tanh_f32(self)
+    }
+    #[inline(always)]
+    fn mul_add(self, b: Self, c: Self) -> Self {
+        f32::mul_add(self, b, c)
+    }
+}
+
+// float64 is the validation type (gradient checks): it uses the correctly rounded libm
+// functions rather than a fast approximation.
+impl Float for f64 {
+    const ZERO: Self = 0.0;
+    const ONE: Self = 1.0;
+    const NAME: &'static str = "float64";
+    #[inline(always)]
+    fn from_f64(v: f64) -> Self {
+        v
+    }
+    #[inline(always)]
+    fn to_f64(self) -> f64 {
+        self
+    }
+    #[inline(always)]
+    fn sigmoid(self) -> Self {
+        1.0 / (1.0 + (-self).exp())
+    }
+    #[inline(always)]
+    fn tanh(self) -> Self {
+        f64::tanh(self)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Run-time dispatch
+// ---------------------------------------------------------------------------------------------
+
+/// The instruction-set level the pointwise kernels run at.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Level {
+    Scalar,
+    Avx2,
+    Avx512,
+}
+
+impl Level {
+    pub fn name(self) -> &'static str {
+        match self {
+            Level::Scalar => "baseline",
+            Level::Avx2 => "avx2",
+            Level::Avx512 => "avx512",
+        }
+    }
+}
+
+fn detect() -> Level {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512vl")
+            && is_x86_feature_detected!("avx512dq")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("fma")
+        {
+            return Level::Avx512;
+        }
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            return Level::Avx2;
+        }
+    }
+    Level::Scalar
+}
+
+/// The level in use: the best the CPU supports, lowered (never raised) by the environment
+/// variable `RNNKIT_SIMD` = `avx2` or `baseline`, which the tests use to compare the paths.
+pub fn level() -> Level {
+    static LEVEL: OnceLock<Level> = OnceLock::new();
+    *LEVEL.get_or_init(|| {
+        let best = detect();
+        let asked = match std::env::var("RNNKIT_SIMD").as_deref() {
+            Ok("baseline") | Ok("scalar") => Level::Scalar,
+            Ok("avx2") => Level::Avx2,
+            _ => Level::Avx512,
+        };
+        best.min(asked)
+    })
+}
+
+/// A piece of pointwise work to compile once per instruction-set level. Implementations mark
+/// `run` `#[inline(always)]` (and everything it calls), so that it is compiled inside the
+/// `#[target_feature]` function that [`dispatch`] picks.
+pub trait Kernel {
+    type Output;
+    fn run(self) -> Self::Output;
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vl,avx512dq,avx512bw,avx2,fma,bmi1,bmi2,lzcnt,popcnt")]
+unsafe fn run_avx512<K: Kernel>(k: K) -> K::Output {
+    k.run()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,bmi1,bmi2,lzcnt,popcnt")]
+unsafe fn run_avx2<K: Kernel>(k: K) -> K::Output {
+    k.run()
+}
+
+/// Run `k` compiled for the best instruction set available (see [`level`]).
+#[inline]
+pub fn dispatch<K: Kernel>(k: K) -> K::Output {
+    match level() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `level()` only returns Avx512 when the CPU reports every enabled feature.
+        Level::Avx512 => unsafe { run_avx512(k) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above, for AVX2 and FMA.
+        Level::Avx2 => unsafe { run_avx2(k) },
+        _ => k.run(),
+    }
+}
+
+/// Set flush-to-zero and denormals-are-zero for the calling thread (the kernel threads only:
+/// see `threads.rs`). Denormal arithmetic is up to 100x slower on x86 and the values it would
+/// produce are far below what a float32 network can resolve.
+pub fn flush_denormals() {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let mut csr: u32 = 0;
+        // SAFETY: reading and writing MXCSR only changes this thread's floating-point mode.
+        unsafe {
+            std::arch::asm!("stmxcsr [{}]", in(reg) &mut csr, options(nostack));
+            csr |= 0x8040; // FTZ (bit 15) | DAZ (bit 6)
+            std::arch::asm!("ldmxcsr [{}]", in(reg) &csr, options(nostack));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ulp_diff(a: f32, b: f64) -> f64 {
+        let b32 = b as f32;
+        let ulp = (f32::from_bits(b32.abs().to_bits() + 1) - b32.abs()) as f64;
+        (a as f64 - b).abs() / ulp
+    }
+
+    fn sweep(lo: f32, hi: f32, n: usize) -> impl Iterator<Item = f32> {
+        (0..=n).map(move |k| lo + (hi - lo) * (k as f32) / (n as f32))
+    }
+
+    #[test]
+    fn exp_f32_is_within_2_ulp() {
+        let mut worst = 0.0f64;
+        for x in sweep(-87.0, 88.0, 400_000) {
+            worst = worst.max(ulp_diff(exp_f32(x), (x as f64).exp()));
+        }
+        assert!(worst <= 2.0, "worst exp error {worst} ulp");
+    }
+
+    #[test]
+    fn sigmoid_and_tanh_f32_are_within_4_ulp() {
+        let mut worst_s = 0.0f64;
+        let mut worst_t = 0.0f64;
+        for x in sweep(-30.0, 30.0, 600_000).chain(sweep(-1e-3, 1e-3, 10_000)) {
+            let xd = x as f64;
+            let s = 1.0 / (1.0 + (-xd).exp());
+            worst_s = worst_s.max(ulp_diff(x.sigmoid(), s));
+            worst_t = worst_t.max(ulp_diff(Float::tanh(x), xd.tanh()));
+        }
+        assert!(worst_s <= 4.0, "worst sigmoid error {worst_s} ulp");
+        assert!(worst_t <= 4.0, "worst tanh error {worst_t} ulp");
+    }
+
+    #[test]
+    fn special_values() {
+        assert!(exp_f32(f32::NAN).is_nan());
+        assert!(Float::tanh(f32::NAN).is_nan());
+        assert!(f32::NAN.sigmoid().is_nan());
+        assert_eq!(Float::tanh(f32::INFINITY), 1.0);
+        assert_eq!(Float::tanh(f32::NEG_INFINITY), -1.0);
+        assert_eq!(f32::INFINITY.sigmoid(), 1.0);
+        assert!(f32::NEG_INFINITY.sigmoid() < 1e-37);
+        assert_eq!(Float::tanh(-0.0f32).to_bits(), (-0.0f32).to_bits());
+        assert!(f32::NAN.relu().is_nan());
+        assert_eq!((-3.0f32).relu(), 0.0);
+    }
+}

@@ -1,0 +1,938 @@
+//! The time loop of every cell: one layer, one or two directions, forward and backward through
+//! time.
+//!
+//! Forward: the input projection of all time steps is one GEMM before the loop; each step is one
+//! recurrent GEMM over the sequences still running, then one fused pointwise pass (the cell's).
+//! Backward: only `dh_{t-1} = dG_t W_hh` stays in the loop; dW_ih, dW_hh and dx are GEMMs over
+//! all T*B rows after it, the bias gradients column sums.
+//!
+//! Layout. Everything indexed by (time, batch) — x, y, dy, dx and what training keeps — uses the
+//! row order of the caller's x ("x-order": row(t, b) = t*st + b*sb), so that the big GEMMs read
+//! and write those buffers as they are, without gathers or transposes. The state carried from step
+//! to step is compact instead: row r of the state is sequence `perm[r]`, with the sequences sorted
+//! by length (longest first) inside each thread's slice, so the sequences still running at a step
+//! are a prefix of the slice and the recurrent GEMM does no work past a sequence's end.
+//!
+//! Threads. When the batch is large enough, it is cut into one slice per thread and each slice
+//! runs the whole time loop on its own (single-threaded GEMMs, no per-step synchronisation);
+//! otherwise one loop runs and the GEMMs use the threads. The two directions of a bidirectional
+//! layer run side by side.
+
+use crate::cells::{Bwd, Cell, CellKind, Fwd};
+use crate::error::{Error, Result};
+use crate::gemm::{add_column_sums, matmul, Mat, MatMut};
+use crate::simd::{dispatch, Float, Kernel};
+use rayon::prelude::*;
+
+/// A batch slice that runs its own time loop has at least this many sequences.
+const MIN_SLICE_ROWS: usize = 8;
+
+/// Sizes of one layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Dims {
+    pub seq_len: usize,
+    pub batch: usize,
+    pub input: usize,
+    pub hidden: usize,
+}
+
+/// The order of the (time, batch) rows of x, y, dy and dx.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Layout {
+    /// (batch, time, features)
+    BatchFirst,
+    /// (time, batch, features)
+    TimeMajor,
+}
+
+/// One direction's parameters, in PyTorch's layout: `w_ih` (G*H, I), `w_hh` (G*H, H), biases G*H.
+#[derive(Clone, Copy)]
+pub struct Weights<'a, T> {
+    pub w_ih: &'a [T],
+    pub w_hh: &'a [T],
+    pub b_ih: &'a [T],
+    pub b_hh: &'a [T],
+}
+
+/// One direction's parameter gradients (same shapes as [`Weights`]); backward adds to them.
+pub struct Grads<'a, T> {
+    pub w_ih: &'a mut [T],
+    pub w_hh: &'a mut [T],
+    pub b_ih: &'a mut [T],
+    pub b_hh: &'a mut [T],
+}
+
+/// One recurrent layer: a cell type, its sizes, the row layout and 1 or 2 directions.
+#[derive(Clone, Copy, Debug)]
+pub struct Layer {
+    pub cell: CellKind,
+    pub dims: Dims,
+    pub layout: Layout,
+    pub directions: usize,
+}
+
+/// What a training forward keeps for backward. Consumed by [`backward`].
+pub struct Tape<T> {
+    layer: Layer,
+    plan: Plan,
+    /// The input, with the steps past each sequence's length zeroed.
+    x: Vec<T>,
+    c0: Option<Vec<T>>,
+    dirs: Vec<DirTape<T>>,
+}
+
+struct DirTape<T> {
+    /// The cell's saved values per (t, b), x-order.
+    saved: Vec<T>,
+    /// h_{t-1} per (t, b), x-order (zero past a sequence's length).
+    hprev: Vec<T>,
+}
+
+impl<T> Tape<T> {
+    /// The layer this tape was recorded for.
+    pub fn layer(&self) -> &Layer {
+        &self.layer
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Checks
+// ---------------------------------------------------------------------------------------------
+
+fn expect_len(name: &str, got: usize, want: usize, shape: String) -> Result<()> {
+    if got != want {
+        return Err(Error::Shape(format!(
+            "{name} has {got} elements; expected shape {shape} ({want} elements)"
+        )));
+    }
+    Ok(())
+}
+
+impl Layer {
+    fn gh(&self) -> usize {
+        self.cell.gates() * self.dims.hidden
+    }
+    fn rows(&self) -> usize {
+        self.dims.seq_len * self.dims.batch
+    }
+    /// (t stride, b stride) of x-order rows.
+    fn strides(&self) -> (usize, usize) {
+        match self.layout {
+            Layout::BatchFirst => (1, self.dims.seq_len),
+            Layout::TimeMajor => (self.dims.batch, 1),
+        }
+    }
+    fn row(&self, t: usize, b: usize) -> usize {
+        let (st, sb) = self.strides();
+        t * st + b * sb
+    }
+    fn seq_shape(&self, features: usize) -> String {
+        let d = &self.dims;
+        match self.layout {
+            Layout::BatchFirst => format!("({}, {}, {features})", d.batch, d.seq_len),
+            Layout::TimeMajor => format!("({}, {}, {features})", d.seq_len, d.batch),
+        }
+    }
+    fn state_shape(&self) -> String {
+        format!(
+            "({}, {}, {})",
+            self.directions, self.dims.batch, self.dims.hidden
+        )
+    }
+
+    fn check_dims(&self) -> Result<()> {
+        let d = &self.dims;
+        if d.seq_len == 0 || d.batch == 0 {
+            return Err(Error::Shape(format!(
+                "x must have at least one time step and one sequence; got seq_len={}, batch={}",
+                d.seq_len, d.batch
+            )));
+        }
+        if d.input == 0 || d.hidden == 0 {
+            return Err(Error::Shape(format!(
+                "input_size and hidden_size must be at least 1; got {} and {}",
+                d.input, d.hidden
+            )));
+        }
+        if self.directions != 1 && self.directions != 2 {
+            return Err(Error::Value(format!(
+                "directions must be 1 or 2; got {}",
+                self.directions
+            )));
+        }
+        Ok(())
+    }
+
+    fn check_weights<T>(&self, weights: &[Weights<'_, T>]) -> Result<()> {
+        if weights.len() != self.directions {
+            return Err(Error::Value(format!(
+                "expected weights for {} direction(s); got {}",
+                self.directions,
+                weights.len()
+            )));
+        }
+        let (gh, i, h) = (self.gh(), self.dims.input, self.dims.hidden);
+        for w in weights {
+            expect_len("weight_ih", w.w_ih.len(), gh * i, format!("({gh}, {i})"))?;
+            expect_len("weight_hh", w.w_hh.len(), gh * h, format!("({gh}, {h})"))?;
+            expect_len("bias_ih", w.b_ih.len(), gh, format!("({gh},)"))?;
+            expect_len("bias_hh", w.b_hh.len(), gh, format!("({gh},)"))?;
+        }
+        Ok(())
+    }
+
+    fn check_state<T>(&self, name: &str, s: Option<&[T]>) -> Result<()> {
+        let n = self.directions * self.dims.batch * self.dims.hidden;
+        match s {
+            Some(s) => expect_len(name, s.len(), n, self.state_shape()),
+            None => Ok(()),
+        }
+    }
+
+    fn check_lengths(&self, lengths: Option<&[usize]>) -> Result<()> {
+        let Some(l) = lengths else { return Ok(()) };
+        let d = &self.dims;
+        if l.len() != d.batch {
+            return Err(Error::Shape(format!(
+                "lengths has {} entries; expected one per sequence ({})",
+                l.len(),
+                d.batch
+            )));
+        }
+        if let Some((b, &v)) = l.iter().enumerate().find(|(_, &v)| v == 0 || v > d.seq_len) {
+            return Err(Error::Value(format!(
+                "lengths[{b}] = {v} is out of range; every length must be in 1..={}",
+                d.seq_len
+            )));
+        }
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Plan: the batch permutation and the threads' slices
+// ---------------------------------------------------------------------------------------------
+
+struct Plan {
+    /// Compact row r holds sequence perm[r].
+    perm: Vec<usize>,
+    /// Length of the sequence in compact row r.
+    lens: Vec<usize>,
+    /// (first compact row, row count) of each slice; rows sorted by length, longest first.
+    slices: Vec<(usize, usize)>,
+}
+
+impl Plan {
+    fn new(batch: usize, seq_len: usize, lengths: Option<&[usize]>, threads: usize) -> Plan {
+        let nslices = if threads > 1 {
+            (batch / MIN_SLICE_ROWS).clamp(1, threads)
+        } else {
+            1
+        };
+        let mut order: Vec<usize> = (0..batch).collect();
+        if let Some(l) = lengths {
+            order.sort_by_key(|&b| std::cmp::Reverse(l[b]));
+        }
+        // Deal the sequences round-robin, longest first, so that the slices get similar work.
+        let mut perm = Vec::with_capacity(batch);
+        let mut slices = Vec::with_capacity(nslices);
+        for s in 0..nslices {
+            let start = perm.len();
+            perm.extend(order.iter().skip(s).step_by(nslices));
+            slices.push((start, perm.len() - start));
+        }
+        let lens = perm
+            .iter()
+            .map(|&b| lengths.map_or(seq_len, |l| l[b]))
+            .collect();
+        Plan { perm, lens, slices }
+    }
+
+    fn gemm_threads(&self, threads: usize) -> usize {
+        if self.slices.len() == 1 {
+            threads
+        } else {
+            1
+        }
+    }
+
+    /// Run `f(first_row, rows, gemm_threads)` for every slice, the slices in parallel.
+    fn for_each_slice(&self, threads: usize, f: impl Fn(usize, usize, usize) + Sync) {
+        let gt = self.gemm_threads(threads);
+        if self.slices.len() == 1 {
+            let (off, n) = self.slices[0];
+            f(off, n, gt);
+        } else {
+            self.slices.par_iter().for_each(|&(off, n)| f(off, n, gt));
+        }
+    }
+}
+
+/// The time index of step `s` of a sequence of length `len`.
+#[inline(always)]
+fn time_of(len: usize, s: usize, reverse: bool) -> usize {
+    if reverse {
+        len - 1 - s
+    } else {
+        s
+    }
+}
+
+/// A raw pointer handed to the threads, each of which touches only its own rows.
+#[derive(Clone, Copy)]
+struct Ptr<T>(*mut T);
+// SAFETY: see the type's doc: writers through it never overlap.
+unsafe impl<T: Send> Send for Ptr<T> {}
+unsafe impl<T: Send> Sync for Ptr<T> {}
+
+impl<T> Ptr<T> {
+    fn new(s: &mut [T]) -> Self {
+        Ptr(s.as_mut_ptr())
+    }
+    /// The pointer `n` elements on (a sub-block of the same buffer).
+    fn at(self, n: usize) -> Self {
+        Ptr(self.0.wrapping_add(n))
+    }
+    /// # Safety
+    /// `[at, at + len)` must be inside the buffer and touched by no one else meanwhile.
+    #[inline(always)]
+    unsafe fn slice<'a>(self, at: usize, len: usize) -> &'a mut [T] {
+        std::slice::from_raw_parts_mut(self.0.add(at), len)
+    }
+}
+
+/// A zero-width placeholder for the state a cell does not have.
+fn empty<'a, T>() -> &'a mut [T] {
+    &mut []
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward
+// ---------------------------------------------------------------------------------------------
+
+/// Run one layer forward. `x` is (T*B, I) in `layer.layout` row order; `y` (T*B, D*H) in the
+/// same order; `hn` and `cn` (D, B, H) (`cn` empty unless LSTM). With `train`, returns the tape
+/// that [`backward`] needs.
+#[allow(clippy::too_many_arguments)]
+pub fn forward<T: Float>(
+    layer: &Layer,
+    x: &[T],
+    weights: &[Weights<'_, T>],
+    h0: Option<&[T]>,
+    c0: Option<&[T]>,
+    lengths: Option<&[usize]>,
+    y: &mut [T],
+    hn: &mut [T],
+    cn: &mut [T],
+    train: bool,
+) -> Result<Option<Tape<T>>> {
+    layer.check_dims()?;
+    let (d, nd) = (layer.dims, layer.directions);
+    expect_len(
+        "x",
+        x.len(),
+        layer.rows() * d.input,
+        layer.seq_shape(d.input),
+    )?;
+    layer.check_weights(weights)?;
+    layer.check_state("h0", h0)?;
+    let has_c = layer.cell.has_c();
+    if has_c {
+        layer.check_state("c0", c0)?;
+    } else if c0.is_some() {
+        return Err(Error::Value(format!(
+            "c0 is only for LSTM layers, not {}",
+            layer.cell.name()
+        )));
+    }
+    layer.check_lengths(lengths)?;
+    expect_len(
+        "y",
+        y.len(),
+        layer.rows() * nd * d.hidden,
+        layer.seq_shape(nd * d.hidden),
+    )?;
+    expect_len("hn", hn.len(), nd * d.batch * d.hidden, layer.state_shape())?;
+    expect_len(
+        "cn",
+        cn.len(),
+        if has_c { nd * d.batch * d.hidden } else { 0 },
+        layer.state_shape(),
+    )?;
+
+    crate::threads::run(
+        |threads| crate::with_cell!(layer.cell, cell: C => forward_impl::<C, T>(cell, layer, x, weights, h0, c0, lengths, y, hn, cn, train, threads)),
+    )
+}
+
+/// Zero the (D*H wide) rows of `buf` past each sequence's length.
+fn zero_padding<T: Float>(layer: &Layer, lengths: Option<&[usize]>, buf: &mut [T], width: usize) {
+    let Some(l) = lengths else { return };
+    for (b, &len) in l.iter().enumerate() {
+        for t in len..layer.dims.seq_len {
+            let r = layer.row(t, b);
+            buf[r * width..(r + 1) * width].fill(T::ZERO);
+        }
+    }
+}
+
+/// Run `f(d, item)` for each direction's item, side by side when there are two and threads.
+fn per_direction<I: Send, R: Send>(
+    items: Vec<I>,
+    threads: usize,
+    f: impl Fn(usize, I) -> R + Sync,
+) -> Vec<R> {
+    if items.len() > 1 && threads > 1 {
+        items
+            .into_par_iter()
+            .enumerate()
+            .map(|(d, it)| f(d, it))
+            .collect()
+    } else {
+        items
+            .into_iter()
+            .enumerate()
+            .map(|(d, it)| f(d, it))
+            .collect()
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn forward_impl<C: Cell, T: Float>(
+    cell: C,
+    layer: &Layer,
+    x: &[T],
+    weights: &[Weights<'_, T>],
+    h0: Option<&[T]>,
+    c0: Option<&[T]>,
+    lengths: Option<&[usize]>,
+    y: &mut [T],
+    hn: &mut [T],
+    cn: &mut [T],
+    train: bool,
+    threads: usize,
+) -> Option<Tape<T>> {
+    let d = layer.dims;
+    let (h, gh, rows, nd) = (d.hidden, layer.gh(), layer.rows(), layer.directions);
+    let plan = Plan::new(d.batch, d.seq_len, lengths, threads);
+    let ydim = nd * h;
+    zero_padding(layer, lengths, y, ydim);
+    let x_kept = train.then(|| {
+        let mut k = x.to_vec();
+        zero_padding(layer, lengths, &mut k, d.input);
+        k
+    });
+    let xs: &[T] = x_kept.as_deref().unwrap_or(x);
+    let (yp, hnp, cnp) = (Ptr::new(y), Ptr::new(hn), Ptr::new(cn));
+    let bh = d.batch * h;
+    let dirs = per_direction(weights.to_vec(), threads, |dir, w| {
+        let mut xw = vec![T::ZERO; rows * gh];
+        matmul(
+            MatMut::new(&mut xw, rows, gh, gh),
+            false,
+            Mat::new(xs, rows, d.input, d.input),
+            Mat::new(w.w_ih, gh, d.input, d.input).t(),
+            threads,
+        );
+        let mut tape = train.then(|| DirTape {
+            saved: vec![T::ZERO; rows * C::SAVED * h],
+            hprev: vec![T::ZERO; rows * h],
+        });
+        let keep = tape
+            .as_mut()
+            .map(|t| (Ptr::new(&mut t.saved), Ptr::new(&mut t.hprev)));
+        let sw = Sweep {
+            cell,
+            layer,
+            plan: &plan,
+            w: &w,
+            reverse: dir == 1,
+        };
+        // Direction `dir` owns columns [dir*H, (dir+1)*H) of y and block `dir` of hn / cn; the
+        // slices own disjoint rows of them.
+        let out = FwdOut {
+            y: yp.at(dir * h),
+            ldy: ydim,
+            hn: hnp.at(dir * bh),
+            cn: cnp.at(if C::HAS_C { dir * bh } else { 0 }),
+            keep,
+        };
+        let h0 = h0.map(|s| &s[dir * bh..(dir + 1) * bh]);
+        let c0 = c0.map(|s| &s[dir * bh..(dir + 1) * bh]);
+        plan.for_each_slice(threads, |off, n, gt| {
+            sw.forward_slice(off, n, gt, &xw, h0, c0, out)
+        });
+        tape
+    });
+    x_kept.map(|x| Tape {
+        layer: *layer,
+        plan,
+        x,
+        c0: c0.map(<[T]>::to_vec),
+        dirs: dirs.into_iter().flatten().collect(),
+    })
+}
+
+/// One direction's sweep over the batch slices.
+struct Sweep<'a, C, T> {
+    cell: C,
+    layer: &'a Layer,
+    plan: &'a Plan,
+    w: &'a Weights<'a, T>,
+    reverse: bool,
+}
+
+/// Where a forward slice writes.
+#[derive(Clone, Copy)]
+struct FwdOut<T> {
+    y: Ptr<T>,
+    ldy: usize,
+    hn: Ptr<T>,
+    cn: Ptr<T>,
+    /// (saved, hprev) when training.
+    keep: Option<(Ptr<T>, Ptr<T>)>,
+}
+
+impl<C: Cell, T: Float> Sweep<'_, C, T> {
+    #[allow(clippy::too_many_arguments)]
+    fn forward_slice(
+        &self,
+        off: usize,
+        n: usize,
+        gt: usize,
+        xw: &[T],
+        h0: Option<&[T]>,
+        c0: Option<&[T]>,
+        out: FwdOut<T>,
+    ) {
+        if n == 0 {
+            return;
+        }
+        let (h, gh) = (self.layer.dims.hidden, self.layer.gh());
+        let ch = if C::HAS_C { h } else { 0 };
+        let perm = &self.plan.perm[off..off + n];
+        let lens = &self.plan.lens[off..off + n];
+        let mut ha = vec![T::ZERO; n * h];
+        let mut hb = vec![T::ZERO; n * h];
+        let mut ca = vec![T::ZERO; n * ch];
+        let mut cb = vec![T::ZERO; n * ch];
+        let mut hw = vec![T::ZERO; n * gh];
+        for (r, &b) in perm.iter().enumerate() {
+            if let Some(h0) = h0 {
+                ha[r * h..(r + 1) * h].copy_from_slice(&h0[b * h..(b + 1) * h]);
+            }
+            if let Some(c0) = c0 {
+                ca[r * ch..(r + 1) * ch].copy_from_slice(&c0[b * ch..(b + 1) * ch]);
+            }
+        }
+        let mut active = n;
+        for s in 0..lens[0] {
+            while lens[active - 1] <= s {
+                active -= 1;
+            }
+            matmul(
+                MatMut::new(&mut hw, active, gh, gh),
+                false,
+                Mat::new(&ha, active, h, h),
+                Mat::new(self.w.w_hh, gh, h, h).t(),
+                gt,
+            );
+            dispatch(FwdStep {
+                sw: self,
+                s,
+                perm,
+                lens,
+                active,
+                xw,
+                hw: &hw,
+                ha: &ha,
+                ca: &ca,
+                hb: &mut hb,
+                cb: &mut cb,
+                out,
+            });
+            std::mem::swap(&mut ha, &mut hb);
+            std::mem::swap(&mut ca, &mut cb);
+        }
+    }
+}
+
+/// The pointwise part of one forward step, over the active rows of a slice.
+struct FwdStep<'a, 'w, C, T> {
+    sw: &'a Sweep<'w, C, T>,
+    s: usize,
+    perm: &'a [usize],
+    lens: &'a [usize],
+    active: usize,
+    xw: &'a [T],
+    hw: &'a [T],
+    ha: &'a [T],
+    ca: &'a [T],
+    hb: &'a mut [T],
+    cb: &'a mut [T],
+    out: FwdOut<T>,
+}
+
+impl<C: Cell, T: Float> Kernel for FwdStep<'_, '_, C, T> {
+    type Output = ();
+    #[inline(always)]
+    fn run(self) {
+        let sw = self.sw;
+        let (h, gh) = (sw.layer.dims.hidden, sw.layer.gh());
+        let ch = if C::HAS_C { h } else { 0 };
+        let sv = C::SAVED * h;
+        let out = self.out;
+        let hb_rows = self.hb.chunks_exact_mut(h);
+        let mut cb_rows = self.cb.chunks_exact_mut(ch.max(1));
+        for (r, h_new) in hb_rows.enumerate().take(self.active) {
+            let (b, len) = (self.perm[r], self.lens[r]);
+            let xr = sw.layer.row(time_of(len, self.s, sw.reverse), b);
+            let c_new: &mut [T] = if C::HAS_C {
+                cb_rows.next().expect("c row")
+            } else {
+                empty()
+            };
+            let h_prev = &self.ha[r * h..(r + 1) * h];
+            // SAFETY: row xr of the kept buffers belongs to this (t, b) only.
+            let saved = match out.keep {
+                Some((sp, hp)) => unsafe {
+                    hp.slice(xr * h, h).copy_from_slice(h_prev);
+                    sp.slice(xr * sv, sv)
+                },
+                None => empty(),
+            };
+            sw.cell.forward(
+                Fwd {
+                    xw: &self.xw[xr * gh..(xr + 1) * gh],
+                    hw: &self.hw[r * gh..(r + 1) * gh],
+                    b_ih: sw.w.b_ih,
+                    b_hh: sw.w.b_hh,
+                    h_prev,
+                    c_prev: &self.ca[r * ch..(r + 1) * ch],
+                    h: &mut *h_new,
+                    c: &mut *c_new,
+                    saved,
+                },
+                out.keep.is_some(),
+            );
+            // SAFETY: y row xr (this direction's columns) and hn / cn row b belong to this
+            // sequence only.
+            unsafe {
+                out.y.slice(xr * out.ldy, h).copy_from_slice(h_new);
+                if len == self.s + 1 {
+                    out.hn.slice(b * h, h).copy_from_slice(h_new);
+                    if C::HAS_C {
+                        out.cn.slice(b * h, h).copy_from_slice(c_new);
+                    }
+                }
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward
+// ---------------------------------------------------------------------------------------------
+
+/// Backpropagate through the layer of `tape`. `dy` is (T*B, D*H) in the layer's row order;
+/// `dhn`, `dcn` the gradients of the final states (D, B, H). Writes `dx` (T*B, I), `dh0` and
+/// `dc0` (D, B, H; `dc0` empty unless LSTM) and adds the parameter gradients to `grads`.
+#[allow(clippy::too_many_arguments)]
+pub fn backward<T: Float>(
+    tape: Tape<T>,
+    weights: &[Weights<'_, T>],
+    dy: &[T],
+    dhn: Option<&[T]>,
+    dcn: Option<&[T]>,
+    dx: &mut [T],
+    dh0: &mut [T],
+    dc0: &mut [T],
+    grads: &mut [Grads<'_, T>],
+) -> Result<()> {
+    let layer = tape.layer;
+    let (d, nd) = (layer.dims, layer.directions);
+    layer.check_weights(weights)?;
+    expect_len(
+        "dy",
+        dy.len(),
+        layer.rows() * nd * d.hidden,
+        layer.seq_shape(nd * d.hidden),
+    )?;
+    layer.check_state("dhn", dhn)?;
+    let has_c = layer.cell.has_c();
+    if has_c {
+        layer.check_state("dcn", dcn)?;
+    } else if dcn.is_some() {
+        return Err(Error::Value(format!(
+            "dcn is only for LSTM layers, not {}",
+            layer.cell.name()
+        )));
+    }
+    expect_len(
+        "dx",
+        dx.len(),
+        layer.rows() * d.input,
+        layer.seq_shape(d.input),
+    )?;
+    expect_len(
+        "dh0",
+        dh0.len(),
+        nd * d.batch * d.hidden,
+        layer.state_shape(),
+    )?;
+    expect_len(
+        "dc0",
+        dc0.len(),
+        if has_c { nd * d.batch * d.hidden } else { 0 },
+        layer.state_shape(),
+    )?;
+    if grads.len() != nd {
+        return Err(Error::Value(format!(
+            "expected gradients for {nd} direction(s); got {}",
+            grads.len()
+        )));
+    }
+    let gw: Vec<Weights<'_, T>> = grads
+        .iter()
+        .map(|g| Weights {
+            w_ih: g.w_ih,
+            w_hh: g.w_hh,
+            b_ih: g.b_ih,
+            b_hh: g.b_hh,
+        })
+        .collect();
+    layer
+        .check_weights(&gw)
+        .map_err(|e| Error::Shape(format!("gradient buffer: {e}")))?;
+
+    crate::threads::run(
+        |threads| crate::with_cell!(layer.cell, cell: C => backward_impl::<C, T>(cell, &tape, weights, dy, dhn, dcn, dx, dh0, dc0, grads, threads)),
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn backward_impl<C: Cell, T: Float>(
+    cell: C,
+    tape: &Tape<T>,
+    weights: &[Weights<'_, T>],
+    dy: &[T],
+    dhn: Option<&[T]>,
+    dcn: Option<&[T]>,
+    dx: &mut [T],
+    dh0: &mut [T],
+    dc0: &mut [T],
+    grads: &mut [Grads<'_, T>],
+    threads: usize,
+) {
+    let layer = &tape.layer;
+    let d = layer.dims;
+    let (h, gh, rows, nd) = (d.hidden, layer.gh(), layer.rows(), layer.directions);
+    let bh = d.batch * h;
+    let (dh0p, dc0p) = (Ptr::new(dh0), Ptr::new(dc0));
+    let jobs: Vec<_> = grads.iter_mut().zip(&tape.dirs).collect();
+    let dgxs = per_direction(jobs, threads, |dir, (g, kept)| {
+        let w = &weights[dir];
+        let mut dgx = vec![T::ZERO; rows * gh];
+        let mut dgh_all = if C::SPLIT_DGH {
+            vec![T::ZERO; rows * gh]
+        } else {
+            Vec::new()
+        };
+        let sw = Sweep {
+            cell,
+            layer,
+            plan: &tape.plan,
+            w,
+            reverse: dir == 1,
+        };
+        let inp = BwdIn {
+            dy: &dy[dir * h..],
+            ldy: nd * h,
+            dhn: dhn.map(|s| &s[dir * bh..(dir + 1) * bh]),
+            dcn: dcn.map(|s| &s[dir * bh..(dir + 1) * bh]),
+            c0: tape.c0.as_deref().map(|s| &s[dir * bh..(dir + 1) * bh]),
+            kept,
+        };
+        // Block `dir` of dh0 / dc0 belongs to this direction.
+        let out = BwdOut {
+            dgx: Ptr::new(&mut dgx),
+            dgh_all: Ptr::new(&mut dgh_all),
+            dh0: dh0p.at(dir * bh),
+            dc0: dc0p.at(if C::HAS_C { dir * bh } else { 0 }),
+        };
+        tape.plan.for_each_slice(threads, |off, n, gt| {
+            sw.backward_slice(off, n, gt, &inp, out)
+        });
+        let dgh: &[T] = if C::SPLIT_DGH { &dgh_all } else { &dgx };
+        // Deferred weight gradients: one GEMM each over all T*B rows.
+        matmul(
+            MatMut::new(g.w_ih, gh, d.input, d.input),
+            true,
+            Mat::new(&dgx, rows, gh, gh).t(),
+            Mat::new(&tape.x, rows, d.input, d.input),
+            threads,
+        );
+        matmul(
+            MatMut::new(g.w_hh, gh, h, h),
+            true,
+            Mat::new(dgh, rows, gh, gh).t(),
+            Mat::new(&kept.hprev, rows, h, h),
+            threads,
+        );
+        add_column_sums(g.b_ih, &dgx, gh);
+        add_column_sums(g.b_hh, dgh, gh);
+        dgx
+    });
+    for (dir, dgx) in dgxs.iter().enumerate() {
+        matmul(
+            MatMut::new(dx, rows, d.input, d.input),
+            dir > 0,
+            Mat::new(dgx, rows, gh, gh),
+            Mat::new(weights[dir].w_ih, gh, d.input, d.input),
+            threads,
+        );
+    }
+}
+
+struct BwdIn<'a, T> {
+    dy: &'a [T],
+    ldy: usize,
+    dhn: Option<&'a [T]>,
+    dcn: Option<&'a [T]>,
+    c0: Option<&'a [T]>,
+    kept: &'a DirTape<T>,
+}
+
+#[derive(Clone, Copy)]
+struct BwdOut<T> {
+    dgx: Ptr<T>,
+    dgh_all: Ptr<T>,
+    dh0: Ptr<T>,
+    dc0: Ptr<T>,
+}
+
+impl<C: Cell, T: Float> Sweep<'_, C, T> {
+    fn backward_slice(&self, off: usize, n: usize, gt: usize, inp: &BwdIn<'_, T>, out: BwdOut<T>) {
+        if n == 0 {
+            return;
+        }
+        let (h, gh) = (self.layer.dims.hidden, self.layer.gh());
+        let ch = if C::HAS_C { h } else { 0 };
+        let perm = &self.plan.perm[off..off + n];
+        let lens = &self.plan.lens[off..off + n];
+        let mut dh = vec![T::ZERO; n * h];
+        let mut dc = vec![T::ZERO; n * ch];
+        let mut dgh = vec![T::ZERO; n * gh];
+        let zeros = vec![T::ZERO; h];
+        for (r, &b) in perm.iter().enumerate() {
+            if let Some(s) = inp.dhn {
+                dh[r * h..(r + 1) * h].copy_from_slice(&s[b * h..(b + 1) * h]);
+            }
+            if let Some(s) = inp.dcn {
+                dc[r * ch..(r + 1) * ch].copy_from_slice(&s[b * ch..(b + 1) * ch]);
+            }
+        }
+        let mut active = 0;
+        for s in (0..lens[0]).rev() {
+            while active < n && lens[active] > s {
+                active += 1;
+            }
+            dispatch(BwdStep {
+                sw: self,
+                s,
+                perm,
+                lens,
+                active,
+                inp,
+                zeros: &zeros,
+                dh: &mut dh,
+                dc: &mut dc,
+                dgh: &mut dgh,
+                out,
+            });
+            matmul(
+                MatMut::new(&mut dh, active, h, h),
+                true,
+                Mat::new(&dgh, active, gh, gh),
+                Mat::new(self.w.w_hh, gh, h, h),
+                gt,
+            );
+        }
+        for (r, &b) in perm.iter().enumerate() {
+            // SAFETY: row b of dh0 / dc0 belongs to this sequence only.
+            unsafe {
+                out.dh0
+                    .slice(b * h, h)
+                    .copy_from_slice(&dh[r * h..(r + 1) * h]);
+                if C::HAS_C {
+                    out.dc0
+                        .slice(b * h, h)
+                        .copy_from_slice(&dc[r * h..(r + 1) * h]);
+                }
+            }
+        }
+    }
+}
+
+/// The pointwise part of one backward step, over the active rows of a slice.
+struct BwdStep<'a, 'w, C, T> {
+    sw: &'a Sweep<'w, C, T>,
+    s: usize,
+    perm: &'a [usize],
+    lens: &'a [usize],
+    active: usize,
+    inp: &'a BwdIn<'a, T>,
+    zeros: &'a [T],
+    dh: &'a mut [T],
+    dc: &'a mut [T],
+    dgh: &'a mut [T],
+    out: BwdOut<T>,
+}
+
+impl<C: Cell, T: Float> Kernel for BwdStep<'_, '_, C, T> {
+    type Output = ();
+    #[inline(always)]
+    fn run(self) {
+        let sw = self.sw;
+        let layer = sw.layer;
+        let (h, gh) = (layer.dims.hidden, layer.gh());
+        let sv = C::SAVED * h;
+        let (inp, out, s) = (self.inp, self.out, self.s);
+        let mut dc_rows = self.dc.chunks_exact_mut(if C::HAS_C { h } else { 1 });
+        let rows = self
+            .dh
+            .chunks_exact_mut(h)
+            .zip(self.dgh.chunks_exact_mut(gh));
+        for (r, (dh, dgh)) in rows.enumerate().take(self.active) {
+            let (b, len) = (self.perm[r], self.lens[r]);
+            let xr = layer.row(time_of(len, s, sw.reverse), b);
+            let (dc, c_prev): (&mut [T], &[T]) = if C::HAS_C {
+                let c_prev = if s > 0 {
+                    let pr = layer.row(time_of(len, s - 1, sw.reverse), b);
+                    &inp.kept.saved[pr * sv + C::C_AT * h..][..h]
+                } else {
+                    inp.c0.map_or(self.zeros, |c0| &c0[b * h..(b + 1) * h])
+                };
+                (dc_rows.next().expect("dc row"), c_prev)
+            } else {
+                (empty(), &[])
+            };
+            // SAFETY: row xr of dgx belongs to this (t, b) only.
+            let dgx = unsafe { out.dgx.slice(xr * gh, gh) };
+            sw.cell.backward(Bwd {
+                dy: &inp.dy[xr * inp.ldy..][..h],
+                dh,
+                dc,
+                saved: &inp.kept.saved[xr * sv..(xr + 1) * sv],
+                h_prev: &inp.kept.hprev[xr * h..(xr + 1) * h],
+                c_prev,
+                dgx,
+                dgh,
+            });
+            if C::SPLIT_DGH {
+                // SAFETY: as for dgx.
+                unsafe { out.dgh_all.slice(xr * gh, gh).copy_from_slice(dgh) };
+            }
+        }
+    }
+}
