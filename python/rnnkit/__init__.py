@@ -1,2 +1,6 @@
-from rnnkit._core import get_num_threads, set_num_threads, simd_level
-__all__ = ["get_num_threads", "set_num_threads", "simd_level"]
+"""rnnkit: fast recurrent neural networks (RNN, LSTM, GRU) on CPU, over NumPy arrays."""
+
+from rnnkit._core import __version__, get_num_threads, set_num_threads, simd_level
+from rnnkit.layers import GRU, LSTM, RNN
+
+__all__ = ["GRU", "LSTM", "RNN", "__version__", "get_num_threads", "set_num_threads", "simd_level"]

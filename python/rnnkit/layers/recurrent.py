@@ -1,0 +1,348 @@
+"""Recurrent layers: RNN, LSTM and GRU, stacked and bidirectional, with PyTorch's parameters.
+
+Each layer runs one fused Rust kernel call per (layer, both directions) for the forward pass and
+one for backpropagation through time; this module only chains layers, applies inter-layer
+dropout and keeps the parameters.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from rnnkit import _core
+from rnnkit._checks import float_array, float_dtype, lengths_array, positive_int
+
+Array = npt.NDArray[Any]
+State = Array | tuple[Array, Array]
+
+_PARAM_KINDS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+
+
+class _Recurrent:
+    """Common machinery of :class:`RNN`, :class:`LSTM` and :class:`GRU`."""
+
+    _gates: int
+    _has_c: bool = False
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        *,
+        bias: bool = True,
+        batch_first: bool = True,
+        dropout: float = 0.0,
+        bidirectional: bool = False,
+        dtype: Any = np.float32,
+        seed: int | np.random.Generator | None = None,
+    ) -> None:
+        self.input_size = positive_int(input_size, "input_size")
+        self.hidden_size = positive_int(hidden_size, "hidden_size")
+        self.num_layers = positive_int(num_layers, "num_layers")
+        if not isinstance(dropout, int | float) or isinstance(dropout, bool) or not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be a number in [0, 1); got {dropout!r}")
+        self.dropout = float(dropout)
+        self.bias = bool(bias)
+        self.batch_first = bool(batch_first)
+        self.bidirectional = bool(bidirectional)
+        self.dtype = float_dtype(dtype)
+        self._rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+        self.training = True
+        self.params: dict[str, Array] = {}
+        bound = 1.0 / np.sqrt(self.hidden_size)
+        gh = self._gates * self.hidden_size
+        for layer in range(self.num_layers):
+            in_size = self.input_size if layer == 0 else self.hidden_size * self.num_directions
+            for sfx in self._suffixes():
+                shapes = {"weight_ih": (gh, in_size), "weight_hh": (gh, self.hidden_size)}
+                if self.bias:
+                    shapes |= {"bias_ih": (gh,), "bias_hh": (gh,)}
+                for kind, shape in shapes.items():
+                    w = self._rng.uniform(-bound, bound, size=shape)
+                    self.params[f"{kind}_l{layer}{sfx}"] = w.astype(self.dtype)
+        self.grads: dict[str, Array] = {k: np.zeros_like(v) for k, v in self.params.items()}
+        self._zero_bias = np.zeros(gh, dtype=self.dtype)
+        self._tapes: list[Any] | None = None
+        self._masks: list[Array | None] = []
+        self._in_shape: tuple[int, ...] = ()
+
+    # ------------------------------------------------------------------ structure
+
+    @property
+    def num_directions(self) -> int:
+        return 2 if self.bidirectional else 1
+
+    def _suffixes(self) -> tuple[str, ...]:
+        return ("", "_reverse") if self.bidirectional else ("",)
+
+    @property
+    def _cell(self) -> str:
+        raise NotImplementedError
+
+    def _weights(self, layer: int) -> list[tuple[Array, Array, Array, Array]]:
+        out = []
+        for sfx in self._suffixes():
+            p = self.params
+            b_ih = p.get(f"bias_ih_l{layer}{sfx}", self._zero_bias)
+            b_hh = p.get(f"bias_hh_l{layer}{sfx}", self._zero_bias)
+            out.append((p[f"weight_ih_l{layer}{sfx}"], p[f"weight_hh_l{layer}{sfx}"], b_ih, b_hh))
+        return out
+
+    def _grad_buffers(self, layer: int) -> list[tuple[Array, Array, Array, Array]]:
+        out = []
+        for sfx in self._suffixes():
+            g = self.grads
+            gh = self._gates * self.hidden_size
+            b_ih = g.get(f"bias_ih_l{layer}{sfx}", np.zeros(gh, self.dtype))
+            b_hh = g.get(f"bias_hh_l{layer}{sfx}", np.zeros(gh, self.dtype))
+            out.append((g[f"weight_ih_l{layer}{sfx}"], g[f"weight_hh_l{layer}{sfx}"], b_ih, b_hh))
+        return out
+
+    def num_parameters(self) -> int:
+        """The number of trainable scalars."""
+        return int(sum(p.size for p in self.params.values()))
+
+    def __repr__(self) -> str:
+        extra = f", num_layers={self.num_layers}" if self.num_layers > 1 else ""
+        extra += ", bidirectional=True" if self.bidirectional else ""
+        extra += f", dropout={self.dropout}" if self.dropout else ""
+        extra += ", bias=False" if not self.bias else ""
+        return f"{type(self).__name__}({self.input_size}, {self.hidden_size}{extra}, dtype={self.dtype.name})"
+
+    # ------------------------------------------------------------------ modes and state
+
+    def train(self, mode: bool = True) -> _Recurrent:
+        """Training mode: forward keeps what backward needs, and dropout is applied."""
+        self.training = bool(mode)
+        if not mode:
+            self._tapes = None
+        return self
+
+    def eval(self) -> _Recurrent:
+        """Inference mode: forward keeps nothing."""
+        return self.train(False)
+
+    def zero_grad(self) -> None:
+        """Set every gradient in :attr:`grads` to zero."""
+        for g in self.grads.values():
+            g.fill(0)
+
+    def state_dict(self) -> dict[str, Array]:
+        """A copy of the parameters, keyed and shaped exactly as PyTorch's module of the same kind."""
+        return {k: v.copy() for k, v in self.params.items()}
+
+    def load_state_dict(self, state: dict[str, Any], strict: bool = True) -> None:
+        """Copy parameters in from ``state`` (NumPy arrays, or PyTorch tensors, converted).
+
+        Names and shapes must match this layer's; with ``strict=False`` missing and extra names
+        are ignored (shapes must still match).
+        """
+        if not isinstance(state, dict):
+            raise TypeError(f"state must be a dict of arrays; got {type(state).__name__}")
+        missing = sorted(set(self.params) - set(state))
+        unexpected = sorted(set(state) - set(self.params))
+        if strict and (missing or unexpected):
+            raise ValueError(
+                f"state does not match {type(self).__name__}'s parameters: missing {missing}, unexpected {unexpected}"
+            )
+        converted = {}
+        for k in self.params.keys() & state.keys():
+            v = float_array(state[k], f"state[{k!r}]", self.dtype)
+            if v.shape != self.params[k].shape:
+                raise ValueError(f"state[{k!r}] has shape {v.shape}; expected {self.params[k].shape}")
+            converted[k] = v
+        for k, v in converted.items():
+            self.params[k][...] = v
+
+    def initial_state(self, batch_size: int) -> State:
+        """A zero state for ``batch_size`` sequences: (h, c) for LSTM, h otherwise."""
+        b = positive_int(batch_size, "batch_size")
+        shape = (self.num_layers * self.num_directions, b, self.hidden_size)
+        h = np.zeros(shape, dtype=self.dtype)
+        return (h, np.zeros(shape, dtype=self.dtype)) if self._has_c else h
+
+    # ------------------------------------------------------------------ argument checks
+
+    def _check_state(self, state: Any, batch: int, name: str) -> tuple[Array | None, Array | None]:
+        if state is None:
+            return None, None
+        shape = (self.num_layers * self.num_directions, batch, self.hidden_size)
+        if self._has_c:
+            if not isinstance(state, tuple | list) or len(state) != 2:
+                raise TypeError(f"{name} must be a tuple (h, c) for LSTM; got {type(state).__name__}")
+            h = float_array(state[0], f"{name}[0] (h)", self.dtype, 3)
+            c = float_array(state[1], f"{name}[1] (c)", self.dtype, 3)
+            for n, a in ((f"{name}[0] (h)", h), (f"{name}[1] (c)", c)):
+                if a.shape != shape:
+                    raise ValueError(f"{n} must have shape {shape} (layers*directions, batch, hidden); got {a.shape}")
+            return h, c
+        if isinstance(state, tuple | list):
+            raise TypeError(f"{name} must be one array for {type(self).__name__}, not a tuple")
+        h = float_array(state, name, self.dtype, 3)
+        if h.shape != shape:
+            raise ValueError(f"{name} must have shape {shape} (layers*directions, batch, hidden); got {h.shape}")
+        return h, None
+
+    # ------------------------------------------------------------------ forward / backward
+
+    def forward(self, x: Any, state: Any = None, lengths: Any = None) -> tuple[Array, State]:
+        """Run the layer over a batch of sequences.
+
+        Args:
+            x: (batch, seq, input_size) if ``batch_first`` else (seq, batch, input_size).
+            state: the initial state, (h0, c0) for LSTM and h0 otherwise, each
+                (num_layers * num_directions, batch, hidden_size); zeros if None.
+            lengths: optional per-sequence lengths (batch integers in 1..seq). Steps past a
+                sequence's length are not computed, their outputs are zero, the final state is
+                the one at the sequence's last step, and the reverse direction starts there.
+
+        Returns:
+            ``(y, state)``: y is (batch, seq, num_directions * hidden_size) (or time-major),
+            state the final state shaped like the initial one.
+        """
+        x = float_array(x, "x", self.dtype)
+        if x.ndim != 3:
+            layout = "(batch, seq, input_size)" if self.batch_first else "(seq, batch, input_size)"
+            raise ValueError(f"x must be 3-dimensional {layout}; got shape {x.shape}")
+        if x.shape[2] != self.input_size:
+            raise ValueError(f"x has {x.shape[2]} features in its last dimension; expected input_size={self.input_size}")
+        batch, seq = (x.shape[0], x.shape[1]) if self.batch_first else (x.shape[1], x.shape[0])
+        if batch == 0 or seq == 0:
+            raise ValueError(f"x must have at least one sequence and one time step; got shape {x.shape}")
+        h0, c0 = self._check_state(state, batch, "state")
+        lens = None if lengths is None else lengths_array(lengths, batch, seq)
+        nd = self.num_directions
+        training = self.training
+        tapes: list[Any] = []
+        masks: list[Array | None] = []
+        hn: list[Array] = []
+        cn: list[Array] = []
+        inp = x
+        for layer in range(self.num_layers):
+            sl = slice(layer * nd, (layer + 1) * nd)
+            y, h, c, tape = _core.forward(
+                self._cell,
+                inp,
+                self._weights(layer),
+                None if h0 is None else h0[sl],
+                None if c0 is None else c0[sl],
+                lens,
+                self.batch_first,
+                training,
+            )
+            tapes.append(tape)
+            hn.append(h)
+            if c is not None:
+                cn.append(c)
+            if training and self.dropout > 0.0 and layer < self.num_layers - 1:
+                keep = 1.0 - self.dropout
+                mask = (self._rng.random(y.shape) < keep).astype(self.dtype) / self.dtype.type(keep)
+                y = y * mask
+                masks.append(mask)
+            else:
+                masks.append(None)
+            inp = y
+        self._tapes = tapes if training else None
+        self._masks = masks
+        self._in_shape = x.shape
+        h_out = np.concatenate(hn)
+        return inp, ((h_out, np.concatenate(cn)) if self._has_c else h_out)
+
+    __call__ = forward
+
+    def backward(self, dy: Any, dstate: Any = None) -> tuple[Array, State]:
+        """Backpropagate through time through the last training forward.
+
+        Args:
+            dy: dL/dy, shaped like that forward's y.
+            dstate: dL/d(final state), shaped like its state ((dh, dc) for LSTM), or None.
+
+        Returns:
+            ``(dx, dstate0)``: dL/dx and dL/d(initial state). Parameter gradients are added to
+            :attr:`grads`.
+        """
+        if self._tapes is None:
+            raise ValueError(
+                "backward needs a forward in training mode first (call layer.train(), then forward)"
+            )
+        if not all(t is not None and t.pending for t in self._tapes):
+            raise ValueError("backward was already run for the last forward; run forward again first")
+        dy = float_array(dy, "dy", self.dtype)
+        nd = self.num_directions
+        batch = self._in_shape[0] if self.batch_first else self._in_shape[1]
+        seq = self._in_shape[1] if self.batch_first else self._in_shape[0]
+        want = (batch, seq, nd * self.hidden_size) if self.batch_first else (seq, batch, nd * self.hidden_size)
+        if dy.shape != want:
+            raise ValueError(f"dy must have the shape of y, {want}; got {dy.shape}")
+        dh, dc = self._check_state(dstate, batch, "dstate")
+        dh0: list[Array] = []
+        dc0: list[Array] = []
+        for layer in reversed(range(self.num_layers)):
+            sl = slice(layer * nd, (layer + 1) * nd)
+            dx, h, c = _core.backward(
+                self._tapes[layer],
+                self._weights(layer),
+                dy,
+                None if dh is None else np.ascontiguousarray(dh[sl]),
+                None if dc is None else np.ascontiguousarray(dc[sl]),
+                grads=self._grad_buffers(layer),
+            )
+            dh0.insert(0, h)
+            if c is not None:
+                dc0.insert(0, c)
+            if layer > 0:
+                mask = self._masks[layer - 1]
+                dy = dx if mask is None else dx * mask
+        h_out = np.concatenate(dh0)
+        return dx, ((h_out, np.concatenate(dc0)) if self._has_c else h_out)
+
+
+class RNN(_Recurrent):
+    """Elman RNN, ``h' = act(W_ih x + b_ih + W_hh h + b_hh)`` (``nonlinearity`` "tanh" or "relu"),
+    parameter-compatible with ``torch.nn.RNN``."""
+
+    _gates = 1
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        *,
+        nonlinearity: str = "tanh",
+        **kwargs: Any,
+    ) -> None:
+        if nonlinearity not in ("tanh", "relu"):
+            raise ValueError(f"nonlinearity must be 'tanh' or 'relu'; got {nonlinearity!r}")
+        self.nonlinearity = nonlinearity
+        super().__init__(input_size, hidden_size, num_layers, **kwargs)
+
+    @property
+    def _cell(self) -> str:
+        return f"rnn_{self.nonlinearity}"
+
+
+class LSTM(_Recurrent):
+    """Long short-term memory (gates i, f, g, o), parameter-compatible with ``torch.nn.LSTM``.
+    The state is a tuple ``(h, c)``."""
+
+    _gates = 4
+    _has_c = True
+
+    @property
+    def _cell(self) -> str:
+        return "lstm"
+
+
+class GRU(_Recurrent):
+    """Gated recurrent unit (gates r, z, n), parameter-compatible with ``torch.nn.GRU``."""
+
+    _gates = 3
+
+    @property
+    def _cell(self) -> str:
+        return "gru"
