@@ -7,8 +7,8 @@ use crate::error::Error;
 use crate::simd::Float;
 use crate::sweep::{self, Dims, Grads, Layer, Layout, Tape, Weights};
 use numpy::{
-    Element, PyArray3, PyArrayDescrMethods, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn,
-    PyReadwriteArrayDyn, PyUntypedArray, PyUntypedArrayMethods,
+    Element, PyArray3, PyArrayDescrMethods, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn, PyReadwriteArrayDyn,
+    PyUntypedArray, PyUntypedArrayMethods,
 };
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
@@ -29,17 +29,10 @@ fn value_err(msg: String) -> PyErr {
 }
 
 /// Borrow `obj` (argument `name`) as a C-contiguous read-only array of `T` with `ndim` dims.
-fn readonly<'py, T: Element>(
-    obj: &Bound<'py, PyAny>,
-    name: &str,
-    ndim: usize,
-) -> PyResult<PyReadonlyArrayDyn<'py, T>> {
-    let arr = obj.cast::<PyUntypedArray>().map_err(|_| {
-        PyTypeError::new_err(format!(
-            "{name} must be a numpy array; got {}",
-            type_name(obj)
-        ))
-    })?;
+fn readonly<'py, T: Element>(obj: &Bound<'py, PyAny>, name: &str, ndim: usize) -> PyResult<PyReadonlyArrayDyn<'py, T>> {
+    let arr = obj
+        .cast::<PyUntypedArray>()
+        .map_err(|_| PyTypeError::new_err(format!("{name} must be a numpy array; got {}", type_name(obj))))?;
     let dt = arr.dtype();
     let want = numpy::dtype::<T>(obj.py());
     if !dt.is_equiv_to(&want) {
@@ -60,9 +53,7 @@ fn readonly<'py, T: Element>(
         )));
     }
     let typed = obj.cast::<PyArrayDyn<T>>()?;
-    typed
-        .try_readonly()
-        .map_err(|e| value_err(format!("{name}: {e}")))
+    typed.try_readonly().map_err(|e| value_err(format!("{name}: {e}")))
 }
 
 fn readwrite<'py, T: Element>(
@@ -72,11 +63,9 @@ fn readwrite<'py, T: Element>(
 ) -> PyResult<PyReadwriteArrayDyn<'py, T>> {
     readonly::<T>(obj, name, ndim)?;
     let typed = obj.cast::<PyArrayDyn<T>>()?;
-    typed.try_readwrite().map_err(|e| {
-        value_err(format!(
-            "{name} cannot be written (read-only or passed twice): {e}"
-        ))
-    })
+    typed
+        .try_readwrite()
+        .map_err(|e| value_err(format!("{name} cannot be written (read-only or passed twice): {e}")))
 }
 
 fn type_name(obj: &Bound<'_, PyAny>) -> String {
@@ -114,10 +103,7 @@ type Borrowed<'py, T> = Vec<[PyReadonlyArrayDyn<'py, T>; 4]>;
 
 const PARAM_NAMES: [&str; 4] = ["weight_ih", "weight_hh", "bias_ih", "bias_hh"];
 
-fn borrow_params<'py, T: Element>(
-    list: &Bound<'py, PyAny>,
-    name: &str,
-) -> PyResult<Borrowed<'py, T>> {
+fn borrow_params<'py, T: Element>(list: &Bound<'py, PyAny>, name: &str) -> PyResult<Borrowed<'py, T>> {
     let list = list.cast::<PyList>().map_err(|_| {
         PyTypeError::new_err(format!(
             "{name} must be a list of 4-tuples of arrays, one per direction"
@@ -131,10 +117,7 @@ fn borrow_params<'py, T: Element>(
             ))
         })?;
         if t.len() != 4 {
-            return Err(value_err(format!(
-                "{name}[{d}] must have 4 arrays; got {}",
-                t.len()
-            )));
+            return Err(value_err(format!("{name}[{d}] must have 4 arrays; got {}", t.len())));
         }
         let mut arrs = Vec::with_capacity(4);
         for (k, pname) in PARAM_NAMES.iter().enumerate() {
@@ -144,10 +127,7 @@ fn borrow_params<'py, T: Element>(
                 if k < 2 { 2 } else { 1 },
             )?);
         }
-        out.push(
-            arrs.try_into()
-                .map_err(|_| value_err("unreachable".into()))?,
-        );
+        out.push(arrs.try_into().map_err(|_| value_err("unreachable".into()))?);
     }
     Ok(out)
 }
@@ -163,13 +143,7 @@ fn weights_of<'a, T: Element>(b: &'a Borrowed<'_, T>) -> Vec<Weights<'a, T>> {
         .collect()
 }
 
-fn layer_of(
-    cell: CellKind,
-    shape: &[usize],
-    batch_first: bool,
-    hidden: usize,
-    directions: usize,
-) -> Layer {
+fn layer_of(cell: CellKind, shape: &[usize], batch_first: bool, hidden: usize, directions: usize) -> Layer {
     let (batch, seq_len) = if batch_first {
         (shape[0], shape[1])
     } else {
@@ -274,12 +248,9 @@ impl Wrap for f64 {
 }
 
 fn float_kind(obj: &Bound<'_, PyAny>, name: &str) -> PyResult<&'static str> {
-    let arr = obj.cast::<PyUntypedArray>().map_err(|_| {
-        PyTypeError::new_err(format!(
-            "{name} must be a numpy array; got {}",
-            type_name(obj)
-        ))
-    })?;
+    let arr = obj
+        .cast::<PyUntypedArray>()
+        .map_err(|_| PyTypeError::new_err(format!("{name} must be a numpy array; got {}", type_name(obj))))?;
     let dt = arr.dtype();
     if dt.is_equiv_to(&numpy::dtype::<f32>(obj.py())) {
         Ok("float32")
@@ -308,9 +279,7 @@ fn forward_t<'py, T: Wrap>(
     let params = borrow_params::<T>(weights, "weights")?;
     let nd = params.len();
     if nd != 1 && nd != 2 {
-        return Err(value_err(format!(
-            "weights must hold 1 or 2 directions; got {nd}"
-        )));
+        return Err(value_err(format!("weights must hold 1 or 2 directions; got {nd}")));
     }
     let hidden = params[0][1].shape()[1];
     let layer = layer_of(cell, xa.shape(), batch_first, hidden, nd);
@@ -381,11 +350,7 @@ fn forward<'py>(
     }
 }
 
-type BackwardOut<'py> = (
-    Bound<'py, PyAny>,
-    Bound<'py, PyAny>,
-    Option<Bound<'py, PyAny>>,
-);
+type BackwardOut<'py> = (Bound<'py, PyAny>, Bound<'py, PyAny>, Option<Bound<'py, PyAny>>);
 
 #[allow(clippy::too_many_arguments)]
 fn backward_t<'py, T: Wrap>(
@@ -401,19 +366,16 @@ fn backward_t<'py, T: Wrap>(
     let dya = readonly::<T>(dy, "dy", 3)?;
     let dhna = opt::<T>(dhn, "dhn", 3)?;
     let dcna = opt::<T>(dcn, "dcn", 3)?;
-    let glist = grads.cast::<PyList>().map_err(|_| {
-        PyTypeError::new_err("grads must be a list of 4-tuples of arrays, one per direction")
-    })?;
+    let glist = grads
+        .cast::<PyList>()
+        .map_err(|_| PyTypeError::new_err("grads must be a list of 4-tuples of arrays, one per direction"))?;
     let mut gbufs = Vec::new();
     for (d, item) in glist.iter().enumerate() {
         let t = item
             .cast::<PyTuple>()
             .map_err(|_| PyTypeError::new_err(format!("grads[{d}] must be a tuple of 4 arrays")))?;
         if t.len() != 4 {
-            return Err(value_err(format!(
-                "grads[{d}] must have 4 arrays; got {}",
-                t.len()
-            )));
+            return Err(value_err(format!("grads[{d}] must have 4 arrays; got {}", t.len())));
         }
         let mut arrs = Vec::with_capacity(4);
         for (k, pname) in PARAM_NAMES.iter().enumerate() {
@@ -427,14 +389,9 @@ fn backward_t<'py, T: Wrap>(
     }
     // Take the tape only once every argument has been accepted, so that a bad call can be retried.
     let layer = {
-        let guard = tape
-            .inner
-            .lock()
-            .map_err(|_| value_err("tape is poisoned".into()))?;
+        let guard = tape.inner.lock().map_err(|_| value_err("tape is poisoned".into()))?;
         let t = guard.as_ref().ok_or_else(|| {
-            value_err(
-                "backward was already run for this forward; run a training forward again".into(),
-            )
+            value_err("backward was already run for this forward; run a training forward again".into())
         })?;
         match t {
             AnyTape::F32(t) => *t.layer(),
@@ -467,18 +424,12 @@ fn backward_t<'py, T: Wrap>(
         }
     }
     let typed = {
-        let mut guard = tape
-            .inner
-            .lock()
-            .map_err(|_| value_err("tape is poisoned".into()))?;
+        let mut guard = tape.inner.lock().map_err(|_| value_err("tape is poisoned".into()))?;
         let any = guard
             .take()
             .ok_or_else(|| value_err("backward was already run for this forward".into()))?;
         T::unwrap(any).ok_or_else(|| {
-            PyTypeError::new_err(format!(
-                "dy must have the dtype of the forward pass ({})",
-                tape.dtype
-            ))
+            PyTypeError::new_err(format!("dy must have the dtype of the forward pass ({})", tape.dtype))
         })?
     };
     let xshape = if layer.layout == Layout::BatchFirst {
@@ -515,11 +466,7 @@ fn backward_t<'py, T: Wrap>(
             })
             .collect();
         let w = weights_of(&params);
-        let (dys, dhns, dcns) = (
-            slice(&dya),
-            dhna.as_ref().map(slice),
-            dcna.as_ref().map(slice),
-        );
+        let (dys, dhns, dcns) = (slice(&dya), dhna.as_ref().map(slice), dcna.as_ref().map(slice));
         let (dxs, dhs) = (
             dxw.as_slice_mut().expect("new array"),
             dhw.as_slice_mut().expect("new array"),
@@ -548,6 +495,112 @@ fn backward<'py>(
     match t.dtype {
         "float32" => backward_t::<f32>(py, t, weights, dy, dhn, dcn, grads),
         _ => backward_t::<f64>(py, t, weights, dy, dhn, dcn, grads),
+    }
+}
+
+/// Borrow `obj` as a contiguous slice of `T` without NumPy's dynamic borrow tracking (which costs
+/// more than a small step itself). Sound because the GIL stays held while the slice is used and
+/// the slices are only read; on any mismatch the checked path produces the error message.
+fn fast_slice<'a, T: Element>(obj: &'a Bound<'_, PyAny>, name: &str, ndim: usize) -> PyResult<(&'a [T], &'a [usize])> {
+    if let Ok(a) = obj.cast::<PyArrayDyn<T>>() {
+        if a.ndim() == ndim && a.is_c_contiguous() {
+            // SAFETY: see above; the array outlives 'a through `obj`.
+            let s = unsafe { a.as_slice() }.map_err(|e| value_err(format!("{name}: {e}")))?;
+            let shape = a.shape();
+            // SAFETY: the shape slice lives as long as the array object.
+            let shape = unsafe { std::slice::from_raw_parts(shape.as_ptr(), shape.len()) };
+            return Ok((s, shape));
+        }
+    }
+    readonly::<T>(obj, name, ndim)?;
+    Err(value_err(format!("{name} could not be read")))
+}
+
+fn step_t<'py, T: Wrap>(
+    py: Python<'py>,
+    cell: CellKind,
+    x: &Bound<'py, PyAny>,
+    weights: &Bound<'py, PyAny>,
+    h: Option<&Bound<'py, PyAny>>,
+    c: Option<&Bound<'py, PyAny>>,
+) -> PyResult<StepOut<'py>> {
+    let (xs, xshape) = fast_slice::<T>(x, "x", 2)?;
+    let list = weights
+        .cast::<PyList>()
+        .map_err(|_| PyTypeError::new_err("weights must be a list of 4-tuples of arrays, one per layer"))?;
+    let items: Vec<Bound<'py, PyAny>> = list.iter().collect();
+    let mut tuples = Vec::with_capacity(items.len());
+    for (k, item) in items.iter().enumerate() {
+        let t = item.cast::<PyTuple>().map_err(|_| {
+            PyTypeError::new_err(format!(
+                "weights[{k}] must be a tuple (weight_ih, weight_hh, bias_ih, bias_hh)"
+            ))
+        })?;
+        if t.len() != 4 {
+            return Err(value_err(format!("weights[{k}] must have 4 arrays; got {}", t.len())));
+        }
+        tuples.push([t.get_item(0)?, t.get_item(1)?, t.get_item(2)?, t.get_item(3)?]);
+    }
+    let mut ws = Vec::with_capacity(tuples.len());
+    let mut hidden = 0;
+    for (k, [a, b, c_, d]) in tuples.iter().enumerate() {
+        let (w_hh, shape) = fast_slice::<T>(b, &format!("weights[{k}].weight_hh"), 2)?;
+        hidden = shape[1];
+        ws.push(Weights {
+            w_ih: fast_slice::<T>(a, &format!("weights[{k}].weight_ih"), 2)?.0,
+            w_hh,
+            b_ih: fast_slice::<T>(c_, &format!("weights[{k}].bias_ih"), 1)?.0,
+            b_hh: fast_slice::<T>(d, &format!("weights[{k}].bias_hh"), 1)?.0,
+        });
+    }
+    if ws.is_empty() {
+        return Err(value_err("weights must hold at least one layer".into()));
+    }
+    let hs = match h.filter(|o| !o.is_none()) {
+        Some(o) => Some(fast_slice::<T>(o, "h", 3)?.0),
+        None => None,
+    };
+    let cs = match c.filter(|o| !o.is_none()) {
+        Some(o) => Some(fast_slice::<T>(o, "c", 3)?.0),
+        None => None,
+    };
+    let (batch, nl) = (xshape[0], ws.len());
+    let h_out = PyArray3::<T>::zeros(py, [nl, batch, hidden], false);
+    let c_out = cell
+        .has_c()
+        .then(|| PyArray3::<T>::zeros(py, [nl, batch, hidden], false));
+    {
+        // SAFETY: freshly created arrays that nothing else references yet.
+        let ho = unsafe { h_out.as_slice_mut() }.expect("new array");
+        let co: &mut [T] = match c_out.as_ref() {
+            Some(a) => unsafe { a.as_slice_mut() }.expect("new array"),
+            None => &mut [],
+        };
+        sweep::step(cell, xs, batch, hidden, &ws, hs, cs, ho, co)?;
+    }
+    Ok((h_out.into_any(), c_out.map(|a| a.into_any())))
+}
+
+type StepOut<'py> = (Bound<'py, PyAny>, Option<Bound<'py, PyAny>>);
+
+/// One time step of a stack of single-direction layers (streaming inference).
+///
+/// `x` is (B, I), `weights` one 4-tuple per layer, `h` / `c` the state (L, B, H) or None for
+/// zeros. Returns the new `(h, c)`; the step's output is `h[-1]`. `c` is None unless LSTM.
+#[pyfunction]
+#[pyo3(signature = (cell, x, weights, h=None, c=None))]
+fn step<'py>(
+    py: Python<'py>,
+    cell: &str,
+    x: &Bound<'py, PyAny>,
+    weights: &Bound<'py, PyAny>,
+    h: Option<&Bound<'py, PyAny>>,
+    c: Option<&Bound<'py, PyAny>>,
+) -> PyResult<StepOut<'py>> {
+    let cell = parse_cell(cell)?;
+    match float_kind(x, "x")? {
+        "float32" => step_t::<f32>(py, cell, x, weights, h, c),
+        _ => step_t::<f64>(py, cell, x, weights, h, c),
     }
 }
 
@@ -584,6 +637,7 @@ fn gates(cell: &str) -> PyResult<usize> {
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(forward, m)?)?;
     m.add_function(wrap_pyfunction!(backward, m)?)?;
+    m.add_function(wrap_pyfunction!(step, m)?)?;
     m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(simd_level, m)?)?;

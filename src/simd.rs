@@ -45,7 +45,8 @@ pub trait Float:
             self
         }
     }
-    /// `a * b + c`; fused where the target has FMA.
+    /// `a * b + c`, unfused: a fused multiply-add would be a slow libm call in the baseline
+    /// (pre-FMA) copy of the kernels, and the pointwise math does not need the extra precision.
     #[inline(always)]
     fn mul_add(self, b: Self, c: Self) -> Self {
         self * b + c
@@ -71,18 +72,18 @@ const ROUND_MAGIC: f32 = 12_582_912.0;
 pub fn exp_f32(x: f32) -> f32 {
     // `clamp` keeps NaN (comparisons with NaN are false), unlike `min`/`max`.
     let x = x.clamp(EXP_LO, EXP_HI);
-    let shifted = x.mul_add(LOG2E, ROUND_MAGIC);
+    let shifted = Float::mul_add(x, LOG2E, ROUND_MAGIC);
     let n = shifted - ROUND_MAGIC;
     // Integer n sits in the low bits of `shifted`; move it into the exponent field of 1.0.
     let scale = f32::from_bits((shifted.to_bits() << 23).wrapping_add(0x3f80_0000));
-    let r = n.mul_add(-LN2_LO, n.mul_add(-LN2_HI, x));
+    let r = Float::mul_add(n, -LN2_LO, Float::mul_add(n, -LN2_HI, x));
     let mut p = 1.987_569_1e-4_f32;
-    p = p.mul_add(r, 1.398_199_9e-3);
-    p = p.mul_add(r, 8.333_452e-3);
-    p = p.mul_add(r, 4.166_579_6e-2);
-    p = p.mul_add(r, 1.666_666_5e-1);
-    p = p.mul_add(r, 5.000_000_1e-1);
-    let y = (p * r).mul_add(r, r) + 1.0;
+    p = Float::mul_add(p, r, 1.398_199_9e-3);
+    p = Float::mul_add(p, r, 8.333_452e-3);
+    p = Float::mul_add(p, r, 4.166_579_6e-2);
+    p = Float::mul_add(p, r, 1.666_666_5e-1);
+    p = Float::mul_add(p, r, 0.5);
+    let y = Float::mul_add(p * r, r, r) + 1.0;
     y * scale
 }
 
@@ -92,18 +93,15 @@ fn tanh_f32(x: f32) -> f32 {
     // Small |x|: odd polynomial (no cancellation). Large |x|: 1 - 2 / (e^{2|x|} + 1).
     let z = x * x;
     let mut p = -5.704_988_7e-3_f32;
-    p = p.mul_add(z, 2.063_908_9e-2);
-    p = p.mul_add(z, -5.373_971_6e-2);
-    p = p.mul_add(z, 1.333_144_2e-1);
-    p = p.mul_add(z, -3.333_328_2e-1);
-    let small = (p * z).mul_add(x, x);
+    p = Float::mul_add(p, z, 2.063_909e-2);
+    p = Float::mul_add(p, z, -5.373_971_6e-2);
+    p = Float::mul_add(p, z, 1.333_144_2e-1);
+    p = Float::mul_add(p, z, -0.333_332_8);
+    let small = Float::mul_add(p * z, x, x);
     let e = exp_f32(a + a);
-    let big = (1.0 - 2.0 / (e + 1.0)).copysign(x);
-    if a < 0.625 {
-        small
-    } else {
-        big
-    }
+    let big = 1.0 - 2.0 / (e + 1.0);
+    // tanh is odd: the sign of x (also keeps tanh(-0) = -0).
+    if a < 0.625 { small } else { big }.copysign(x)
 }
 
 impl Float for f32 {
@@ -125,10 +123,6 @@ impl Float for f32 {
     #[inline(always)]
     fn tanh(self) -> Self {
         tanh_f32(self)
-    }
-    #[inline(always)]
-    fn mul_add(self, b: Self, c: Self) -> Self {
-        f32::mul_add(self, b, c)
     }
 }
 

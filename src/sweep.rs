@@ -99,10 +99,11 @@ impl<T> Tape<T> {
 // Checks
 // ---------------------------------------------------------------------------------------------
 
-fn expect_len(name: &str, got: usize, want: usize, shape: String) -> Result<()> {
+fn expect_len(name: &str, got: usize, want: usize, shape: impl FnOnce() -> String) -> Result<()> {
     if got != want {
         return Err(Error::Shape(format!(
-            "{name} has {got} elements; expected shape {shape} ({want} elements)"
+            "{name} has {got} elements; expected shape {} ({want} elements)",
+            shape()
         )));
     }
     Ok(())
@@ -134,10 +135,7 @@ impl Layer {
         }
     }
     fn state_shape(&self) -> String {
-        format!(
-            "({}, {}, {})",
-            self.directions, self.dims.batch, self.dims.hidden
-        )
+        format!("({}, {}, {})", self.directions, self.dims.batch, self.dims.hidden)
     }
 
     fn check_dims(&self) -> Result<()> {
@@ -173,10 +171,10 @@ impl Layer {
         }
         let (gh, i, h) = (self.gh(), self.dims.input, self.dims.hidden);
         for w in weights {
-            expect_len("weight_ih", w.w_ih.len(), gh * i, format!("({gh}, {i})"))?;
-            expect_len("weight_hh", w.w_hh.len(), gh * h, format!("({gh}, {h})"))?;
-            expect_len("bias_ih", w.b_ih.len(), gh, format!("({gh},)"))?;
-            expect_len("bias_hh", w.b_hh.len(), gh, format!("({gh},)"))?;
+            expect_len("weight_ih", w.w_ih.len(), gh * i, || format!("({gh}, {i})"))?;
+            expect_len("weight_hh", w.w_hh.len(), gh * h, || format!("({gh}, {h})"))?;
+            expect_len("bias_ih", w.b_ih.len(), gh, || format!("({gh},)"))?;
+            expect_len("bias_hh", w.b_hh.len(), gh, || format!("({gh},)"))?;
         }
         Ok(())
     }
@@ -184,7 +182,7 @@ impl Layer {
     fn check_state<T>(&self, name: &str, s: Option<&[T]>) -> Result<()> {
         let n = self.directions * self.dims.batch * self.dims.hidden;
         match s {
-            Some(s) => expect_len(name, s.len(), n, self.state_shape()),
+            Some(s) => expect_len(name, s.len(), n, || self.state_shape()),
             None => Ok(()),
         }
     }
@@ -241,10 +239,7 @@ impl Plan {
             perm.extend(order.iter().skip(s).step_by(nslices));
             slices.push((start, perm.len() - start));
         }
-        let lens = perm
-            .iter()
-            .map(|&b| lengths.map_or(seq_len, |l| l[b]))
-            .collect();
+        let lens = perm.iter().map(|&b| lengths.map_or(seq_len, |l| l[b])).collect();
         Plan { perm, lens, slices }
     }
 
@@ -328,12 +323,7 @@ pub fn forward<T: Float>(
 ) -> Result<Option<Tape<T>>> {
     layer.check_dims()?;
     let (d, nd) = (layer.dims, layer.directions);
-    expect_len(
-        "x",
-        x.len(),
-        layer.rows() * d.input,
-        layer.seq_shape(d.input),
-    )?;
+    expect_len("x", x.len(), layer.rows() * d.input, || layer.seq_shape(d.input))?;
     layer.check_weights(weights)?;
     layer.check_state("h0", h0)?;
     let has_c = layer.cell.has_c();
@@ -346,19 +336,13 @@ pub fn forward<T: Float>(
         )));
     }
     layer.check_lengths(lengths)?;
-    expect_len(
-        "y",
-        y.len(),
-        layer.rows() * nd * d.hidden,
-        layer.seq_shape(nd * d.hidden),
-    )?;
-    expect_len("hn", hn.len(), nd * d.batch * d.hidden, layer.state_shape())?;
-    expect_len(
-        "cn",
-        cn.len(),
-        if has_c { nd * d.batch * d.hidden } else { 0 },
-        layer.state_shape(),
-    )?;
+    expect_len("y", y.len(), layer.rows() * nd * d.hidden, || {
+        layer.seq_shape(nd * d.hidden)
+    })?;
+    expect_len("hn", hn.len(), nd * d.batch * d.hidden, || layer.state_shape())?;
+    expect_len("cn", cn.len(), if has_c { nd * d.batch * d.hidden } else { 0 }, || {
+        layer.state_shape()
+    })?;
 
     crate::threads::run(
         |threads| crate::with_cell!(layer.cell, cell: C => forward_impl::<C, T>(cell, layer, x, weights, h0, c0, lengths, y, hn, cn, train, threads)),
@@ -377,23 +361,11 @@ fn zero_padding<T: Float>(layer: &Layer, lengths: Option<&[usize]>, buf: &mut [T
 }
 
 /// Run `f(d, item)` for each direction's item, side by side when there are two and threads.
-fn per_direction<I: Send, R: Send>(
-    items: Vec<I>,
-    threads: usize,
-    f: impl Fn(usize, I) -> R + Sync,
-) -> Vec<R> {
+fn per_direction<I: Send, R: Send>(items: Vec<I>, threads: usize, f: impl Fn(usize, I) -> R + Sync) -> Vec<R> {
     if items.len() > 1 && threads > 1 {
-        items
-            .into_par_iter()
-            .enumerate()
-            .map(|(d, it)| f(d, it))
-            .collect()
+        items.into_par_iter().enumerate().map(|(d, it)| f(d, it)).collect()
     } else {
-        items
-            .into_iter()
-            .enumerate()
-            .map(|(d, it)| f(d, it))
-            .collect()
+        items.into_iter().enumerate().map(|(d, it)| f(d, it)).collect()
     }
 }
 
@@ -438,9 +410,7 @@ fn forward_impl<C: Cell, T: Float>(
             saved: vec![T::ZERO; rows * C::SAVED * h],
             hprev: vec![T::ZERO; rows * h],
         });
-        let keep = tape
-            .as_mut()
-            .map(|t| (Ptr::new(&mut t.saved), Ptr::new(&mut t.hprev)));
+        let keep = tape.as_mut().map(|t| (Ptr::new(&mut t.saved), Ptr::new(&mut t.hprev)));
         let sw = Sweep {
             cell,
             layer,
@@ -459,9 +429,7 @@ fn forward_impl<C: Cell, T: Float>(
         };
         let h0 = h0.map(|s| &s[dir * bh..(dir + 1) * bh]);
         let c0 = c0.map(|s| &s[dir * bh..(dir + 1) * bh]);
-        plan.for_each_slice(threads, |off, n, gt| {
-            sw.forward_slice(off, n, gt, &xw, h0, c0, out)
-        });
+        plan.for_each_slice(threads, |off, n, gt| sw.forward_slice(off, n, gt, &xw, h0, c0, out));
         tape
     });
     x_kept.map(|x| Tape {
@@ -652,12 +620,9 @@ pub fn backward<T: Float>(
     let layer = tape.layer;
     let (d, nd) = (layer.dims, layer.directions);
     layer.check_weights(weights)?;
-    expect_len(
-        "dy",
-        dy.len(),
-        layer.rows() * nd * d.hidden,
-        layer.seq_shape(nd * d.hidden),
-    )?;
+    expect_len("dy", dy.len(), layer.rows() * nd * d.hidden, || {
+        layer.seq_shape(nd * d.hidden)
+    })?;
     layer.check_state("dhn", dhn)?;
     let has_c = layer.cell.has_c();
     if has_c {
@@ -668,23 +633,13 @@ pub fn backward<T: Float>(
             layer.cell.name()
         )));
     }
-    expect_len(
-        "dx",
-        dx.len(),
-        layer.rows() * d.input,
-        layer.seq_shape(d.input),
-    )?;
-    expect_len(
-        "dh0",
-        dh0.len(),
-        nd * d.batch * d.hidden,
-        layer.state_shape(),
-    )?;
+    expect_len("dx", dx.len(), layer.rows() * d.input, || layer.seq_shape(d.input))?;
+    expect_len("dh0", dh0.len(), nd * d.batch * d.hidden, || layer.state_shape())?;
     expect_len(
         "dc0",
         dc0.len(),
         if has_c { nd * d.batch * d.hidden } else { 0 },
-        layer.state_shape(),
+        || layer.state_shape(),
     )?;
     if grads.len() != nd {
         return Err(Error::Value(format!(
@@ -760,9 +715,8 @@ fn backward_impl<C: Cell, T: Float>(
             dh0: dh0p.at(dir * bh),
             dc0: dc0p.at(if C::HAS_C { dir * bh } else { 0 }),
         };
-        tape.plan.for_each_slice(threads, |off, n, gt| {
-            sw.backward_slice(off, n, gt, &inp, out)
-        });
+        tape.plan
+            .for_each_slice(threads, |off, n, gt| sw.backward_slice(off, n, gt, &inp, out));
         let dgh: &[T] = if C::SPLIT_DGH { &dgh_all } else { &dgx };
         // Deferred weight gradients: one GEMM each over all T*B rows.
         matmul(
@@ -861,13 +815,9 @@ impl<C: Cell, T: Float> Sweep<'_, C, T> {
         for (r, &b) in perm.iter().enumerate() {
             // SAFETY: row b of dh0 / dc0 belongs to this sequence only.
             unsafe {
-                out.dh0
-                    .slice(b * h, h)
-                    .copy_from_slice(&dh[r * h..(r + 1) * h]);
+                out.dh0.slice(b * h, h).copy_from_slice(&dh[r * h..(r + 1) * h]);
                 if C::HAS_C {
-                    out.dc0
-                        .slice(b * h, h)
-                        .copy_from_slice(&dc[r * h..(r + 1) * h]);
+                    out.dc0.slice(b * h, h).copy_from_slice(&dc[r * h..(r + 1) * h]);
                 }
             }
         }
@@ -899,10 +849,7 @@ impl<C: Cell, T: Float> Kernel for BwdStep<'_, '_, C, T> {
         let sv = C::SAVED * h;
         let (inp, out, s) = (self.inp, self.out, self.s);
         let mut dc_rows = self.dc.chunks_exact_mut(if C::HAS_C { h } else { 1 });
-        let rows = self
-            .dh
-            .chunks_exact_mut(h)
-            .zip(self.dgh.chunks_exact_mut(gh));
+        let rows = self.dh.chunks_exact_mut(h).zip(self.dgh.chunks_exact_mut(gh));
         for (r, (dh, dgh)) in rows.enumerate().take(self.active) {
             let (b, len) = (self.perm[r], self.lens[r]);
             let xr = layer.row(time_of(len, s, sw.reverse), b);
@@ -933,6 +880,207 @@ impl<C: Cell, T: Float> Kernel for BwdStep<'_, '_, C, T> {
                 // SAFETY: as for dgx.
                 unsafe { out.dgh_all.slice(xr * gh, gh).copy_from_slice(dgh) };
             }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Streaming: one time step of a stack of layers
+// ---------------------------------------------------------------------------------------------
+
+thread_local! {
+    /// Scratch for [`step`]'s two projections, kept per thread so that a step allocates nothing.
+    static STEP_SCRATCH: std::cell::RefCell<Vec<f64>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Run `f` on a zeroed scratch slice of `n` elements of `T` owned by this thread.
+fn with_scratch<T: Float, R>(n: usize, f: impl FnOnce(&mut [T]) -> R) -> R {
+    STEP_SCRATCH.with(|cell| {
+        let mut buf = cell.borrow_mut();
+        let words = (n * std::mem::size_of::<T>()).div_ceil(8);
+        if buf.len() < words {
+            buf.resize(words, 0.0);
+        }
+        // SAFETY: T is f32 or f64 (the only `Float`s): any bit pattern is valid, the f64 buffer is
+        // aligned for both and holds at least n elements of T.
+        let s = unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr().cast::<T>(), n) };
+        f(s)
+    })
+}
+
+/// One time step of a stack of single-direction layers, for streaming inference.
+///
+/// `x` is (B, I), the state size is `hidden`; `layers[k]` the weights of layer k (layer k > 0 reads the h of layer k-1);
+/// `h` and `c` the state (L, B, H) (`c` only for LSTM, zeros if None); writes the new state to
+/// `h_out` / `c_out` (L, B, H). The output of the step is the last layer's block of `h_out`.
+#[allow(clippy::too_many_arguments)]
+pub fn step<T: Float>(
+    cell: CellKind,
+    x: &[T],
+    batch: usize,
+    hidden: usize,
+    layers: &[Weights<'_, T>],
+    h: Option<&[T]>,
+    c: Option<&[T]>,
+    h_out: &mut [T],
+    c_out: &mut [T],
+) -> Result<()> {
+    let nl = layers.len();
+    if nl == 0 {
+        return Err(Error::Value("step needs the weights of at least one layer".into()));
+    }
+    if batch == 0 || x.len() % batch != 0 {
+        return Err(Error::Shape(format!(
+            "x has {} elements, not a whole number of rows for batch {batch}",
+            x.len()
+        )));
+    }
+    let input = x.len() / batch;
+    let bh = batch * hidden;
+    for (k, w) in layers.iter().enumerate() {
+        let layer = Layer {
+            cell,
+            dims: Dims {
+                seq_len: 1,
+                batch,
+                input: if k == 0 { input } else { hidden },
+                hidden,
+            },
+            layout: Layout::TimeMajor,
+            directions: 1,
+        };
+        layer.check_dims()?;
+        layer
+            .check_weights(std::slice::from_ref(w))
+            .map_err(|e| Error::Shape(format!("layer {k}: {e}")))?;
+    }
+    let state = |name: &str, s: Option<&[T]>| match s {
+        Some(s) => expect_len(name, s.len(), nl * bh, || format!("({nl}, {batch}, {hidden})")),
+        None => Ok(()),
+    };
+    state("h", h)?;
+    expect_len("h_out", h_out.len(), nl * bh, || format!("({nl}, {batch}, {hidden})"))?;
+    if cell.has_c() {
+        state("c", c)?;
+        expect_len("c_out", c_out.len(), nl * bh, || format!("({nl}, {batch}, {hidden})"))?;
+    } else if c.is_some() {
+        return Err(Error::Value(format!("c is only for LSTM layers, not {}", cell.name())));
+    }
+    crate::with_cell!(cell, cell: C => step_impl::<C, T>(cell, x, batch, hidden, layers, h, c, h_out, c_out));
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn step_impl<C: Cell, T: Float>(
+    cell: C,
+    x: &[T],
+    batch: usize,
+    hidden: usize,
+    layers: &[Weights<'_, T>],
+    h: Option<&[T]>,
+    c: Option<&[T]>,
+    h_out: &mut [T],
+    c_out: &mut [T],
+) {
+    let (gh, bh) = (C::GATES * hidden, batch * hidden);
+    let ch = if C::HAS_C { hidden } else { 0 };
+    with_scratch::<T, _>(2 * batch * gh + hidden, |scratch| {
+        let (xw, rest) = scratch.split_at_mut(batch * gh);
+        let (hw, zeros) = rest.split_at_mut(batch * gh);
+        for (k, w) in layers.iter().enumerate() {
+            let (done, now) = h_out.split_at_mut(k * bh);
+            let (inp, width): (&[T], usize) = if k == 0 {
+                (x, x.len() / batch)
+            } else {
+                (&done[(k - 1) * bh..], hidden)
+            };
+            let h_new = &mut now[..bh];
+            let h_prev = h.map(|s| &s[k * bh..(k + 1) * bh]);
+            matmul(
+                MatMut::new(xw, batch, gh, gh),
+                false,
+                Mat::new(inp, batch, width, width),
+                Mat::new(w.w_ih, gh, width, width).t(),
+                1,
+            );
+            match h_prev {
+                Some(hp) => matmul(
+                    MatMut::new(hw, batch, gh, gh),
+                    false,
+                    Mat::new(hp, batch, hidden, hidden),
+                    Mat::new(w.w_hh, gh, hidden, hidden).t(),
+                    1,
+                ),
+                None => hw.fill(T::ZERO),
+            }
+            let c_new = if C::HAS_C {
+                &mut c_out[k * bh..(k + 1) * bh]
+            } else {
+                &mut [][..]
+            };
+            dispatch(StepRows {
+                cell,
+                hidden,
+                ch,
+                xw,
+                hw,
+                w,
+                h_prev,
+                c_prev: c.map(|s| &s[k * bh..(k + 1) * bh]),
+                zeros,
+                h_new,
+                c_new,
+            });
+        }
+    });
+}
+
+/// The pointwise part of [`step`] for one layer.
+struct StepRows<'a, C, T> {
+    cell: C,
+    hidden: usize,
+    ch: usize,
+    xw: &'a [T],
+    hw: &'a [T],
+    w: &'a Weights<'a, T>,
+    h_prev: Option<&'a [T]>,
+    c_prev: Option<&'a [T]>,
+    zeros: &'a [T],
+    h_new: &'a mut [T],
+    c_new: &'a mut [T],
+}
+
+impl<C: Cell, T: Float> Kernel for StepRows<'_, C, T> {
+    type Output = ();
+    #[inline(always)]
+    fn run(self) {
+        let (hd, ch) = (self.hidden, self.ch);
+        let gh = C::GATES * hd;
+        let mut c_rows = self.c_new.chunks_exact_mut(ch.max(1));
+        for (r, h) in self.h_new.chunks_exact_mut(hd).enumerate() {
+            let c: &mut [T] = if C::HAS_C {
+                c_rows.next().expect("c row")
+            } else {
+                empty()
+            };
+            self.cell.forward(
+                Fwd {
+                    xw: &self.xw[r * gh..(r + 1) * gh],
+                    hw: &self.hw[r * gh..(r + 1) * gh],
+                    b_ih: self.w.b_ih,
+                    b_hh: self.w.b_hh,
+                    h_prev: self.h_prev.map_or(self.zeros, |s| &s[r * hd..(r + 1) * hd]),
+                    c_prev: if C::HAS_C {
+                        self.c_prev.map_or(self.zeros, |s| &s[r * hd..(r + 1) * hd])
+                    } else {
+                        &[]
+                    },
+                    h,
+                    c,
+                    saved: empty(),
+                },
+                false,
+            );
         }
     }
 }

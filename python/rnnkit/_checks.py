@@ -13,7 +13,7 @@ FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 def float_dtype(dtype: Any, name: str = "dtype") -> np.dtype[Any]:
     """Return ``dtype`` as a NumPy dtype if it is float32 or float64, else raise TypeError."""
     try:
-        dt = np.dtype(dtype)
+        dt: np.dtype[Any] = np.dtype(dtype)
     except TypeError as e:
         raise TypeError(f"{name} must be numpy.float32 or numpy.float64; got {dtype!r}") from e
     if dt not in FLOAT_DTYPES:
@@ -51,7 +51,9 @@ def lengths_array(lengths: Any, batch: int, seq_len: int) -> npt.NDArray[np.int6
     if arr.dtype.kind not in "iu":
         raise TypeError(f"lengths must be integers; got dtype {arr.dtype}")
     if arr.shape != (batch,):
-        raise ValueError(f"lengths must have shape ({batch},), one length per sequence; got shape {arr.shape}")
+        raise ValueError(
+            f"lengths must have shape ({batch},), one length per sequence; got shape {arr.shape}"
+        )
     if batch and (arr.min() < 1 or arr.max() > seq_len):
         bad = int(arr[(arr < 1) | (arr > seq_len)][0])
         raise ValueError(f"lengths must be in 1..{seq_len} (the sequence length of x); got {bad}")

@@ -142,10 +142,7 @@ pub(crate) fn blocks<const G: usize, T>(s: &[T], n: usize) -> [&[T]; G] {
 
 /// The sum of the four pre-activation parts of gate block `k`: `xw + b_ih + (hw + b_hh)`.
 #[inline(always)]
-pub(crate) fn gate_sums<'a, const G: usize, T: Float>(
-    r: &Fwd<'a, T>,
-    n: usize,
-) -> [[&'a [T]; 4]; G] {
+pub(crate) fn gate_sums<'a, const G: usize, T: Float>(r: &Fwd<'a, T>, n: usize) -> [[&'a [T]; 4]; G] {
     let (x, bx, h, bh) = (
         blocks::<G, T>(r.xw, n),
         blocks::<G, T>(r.b_ih, n),

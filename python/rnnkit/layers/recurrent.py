@@ -58,7 +58,10 @@ class _Recurrent:
         for layer in range(self.num_layers):
             in_size = self.input_size if layer == 0 else self.hidden_size * self.num_directions
             for sfx in self._suffixes():
-                shapes = {"weight_ih": (gh, in_size), "weight_hh": (gh, self.hidden_size)}
+                shapes: dict[str, tuple[int, ...]] = {
+                    "weight_ih": (gh, in_size),
+                    "weight_hh": (gh, self.hidden_size),
+                }
                 if self.bias:
                     shapes |= {"bias_ih": (gh,), "bias_hh": (gh,)}
                 for kind, shape in shapes.items():
@@ -147,7 +150,8 @@ class _Recurrent:
         unexpected = sorted(set(state) - set(self.params))
         if strict and (missing or unexpected):
             raise ValueError(
-                f"state does not match {type(self).__name__}'s parameters: missing {missing}, unexpected {unexpected}"
+                f"state does not match {type(self).__name__}'s parameters: "
+                f"missing {missing}, unexpected {unexpected}"
             )
         converted = {}
         for k in self.params.keys() & state.keys():
@@ -165,6 +169,42 @@ class _Recurrent:
         h = np.zeros(shape, dtype=self.dtype)
         return (h, np.zeros(shape, dtype=self.dtype)) if self._has_c else h
 
+    def step(self, x: Any, state: Any = None) -> tuple[Array, State]:
+        """Advance every layer by one time step (streaming inference; keeps nothing for backward).
+
+        Args:
+            x: (batch, input_size), the input at this step.
+            state: the state from :meth:`initial_state` or the previous step (None: zeros).
+
+        Returns:
+            ``(y, state)``: y is (batch, hidden_size), the last layer's output at this step, and
+            the new state. The same as running :meth:`forward` over the steps one by one.
+        """
+        if self.bidirectional:
+            raise ValueError("step runs forward in time only; a bidirectional layer needs the whole sequence")
+        if not (type(x) is np.ndarray and x.dtype == self.dtype and x.ndim == 2 and x.flags.c_contiguous):
+            x = float_array(x, "x", self.dtype, 2)
+        if x.shape[1] != self.input_size:
+            raise ValueError(f"x has {x.shape[1]} features; expected input_size={self.input_size}")
+        if state is None:
+            h, c = None, None
+        elif self._has_c:
+            if not isinstance(state, tuple) or len(state) != 2:
+                raise TypeError("state must be a tuple (h, c) for LSTM")
+            h, c = state
+        else:
+            h, c = state, None
+        weights = [self._weights(k)[0] for k in range(self.num_layers)]
+        try:
+            h_new, c_new = _core.step(self._cell, x, weights, h, c)
+        except (TypeError, ValueError):
+            if state is not None:  # say what was wrong with the state in the layer's own terms
+                self._check_state(state, x.shape[0], "state")
+            raise
+        if c_new is not None:
+            return h_new[-1], (h_new, c_new)
+        return h_new[-1], h_new
+
     # ------------------------------------------------------------------ argument checks
 
     def _check_state(self, state: Any, batch: int, name: str) -> tuple[Array | None, Array | None]:
@@ -178,13 +218,17 @@ class _Recurrent:
             c = float_array(state[1], f"{name}[1] (c)", self.dtype, 3)
             for n, a in ((f"{name}[0] (h)", h), (f"{name}[1] (c)", c)):
                 if a.shape != shape:
-                    raise ValueError(f"{n} must have shape {shape} (layers*directions, batch, hidden); got {a.shape}")
+                    raise ValueError(
+                        f"{n} must have shape {shape} (layers*directions, batch, hidden); got {a.shape}"
+                    )
             return h, c
         if isinstance(state, tuple | list):
             raise TypeError(f"{name} must be one array for {type(self).__name__}, not a tuple")
         h = float_array(state, name, self.dtype, 3)
         if h.shape != shape:
-            raise ValueError(f"{name} must have shape {shape} (layers*directions, batch, hidden); got {h.shape}")
+            raise ValueError(
+                f"{name} must have shape {shape} (layers*directions, batch, hidden); got {h.shape}"
+            )
         return h, None
 
     # ------------------------------------------------------------------ forward / backward
@@ -209,7 +253,9 @@ class _Recurrent:
             layout = "(batch, seq, input_size)" if self.batch_first else "(seq, batch, input_size)"
             raise ValueError(f"x must be 3-dimensional {layout}; got shape {x.shape}")
         if x.shape[2] != self.input_size:
-            raise ValueError(f"x has {x.shape[2]} features in its last dimension; expected input_size={self.input_size}")
+            raise ValueError(
+                f"x has {x.shape[2]} features in its last dimension; expected input_size={self.input_size}"
+            )
         batch, seq = (x.shape[0], x.shape[1]) if self.batch_first else (x.shape[1], x.shape[0])
         if batch == 0 or seq == 0:
             raise ValueError(f"x must have at least one sequence and one time step; got shape {x.shape}")
@@ -275,7 +321,9 @@ class _Recurrent:
         nd = self.num_directions
         batch = self._in_shape[0] if self.batch_first else self._in_shape[1]
         seq = self._in_shape[1] if self.batch_first else self._in_shape[0]
-        want = (batch, seq, nd * self.hidden_size) if self.batch_first else (seq, batch, nd * self.hidden_size)
+        want = (
+            (batch, seq, nd * self.hidden_size) if self.batch_first else (seq, batch, nd * self.hidden_size)
+        )
         if dy.shape != want:
             raise ValueError(f"dy must have the shape of y, {want}; got {dy.shape}")
         dh, dc = self._check_state(dstate, batch, "dstate")

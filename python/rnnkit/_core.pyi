@@ -1,0 +1,61 @@
+"""Type stubs of the compiled extension ``rnnkit._core`` (src/python.rs)."""
+
+from typing import Any, final
+
+import numpy as np
+import numpy.typing as npt
+
+_Array = npt.NDArray[np.floating[Any]]
+_Params = list[tuple[_Array, _Array, _Array, _Array]]
+
+__all__ = [
+    "forward",
+    "backward",
+    "step",
+    "set_num_threads",
+    "get_num_threads",
+    "simd_level",
+    "gates",
+    "Tape",
+    "__version__",
+]
+
+__version__: str
+
+@final
+class Tape:
+    """What a training forward kept for backward (opaque). ``backward`` consumes it."""
+
+    @property
+    def pending(self) -> bool: ...
+
+def forward(
+    cell: str,
+    x: _Array,
+    weights: _Params,
+    h0: _Array | None = None,
+    c0: _Array | None = None,
+    lengths: npt.NDArray[np.int64] | None = None,
+    batch_first: bool = True,
+    train: bool = False,
+) -> tuple[_Array, _Array, _Array | None, Tape | None]: ...
+def backward(
+    tape: Tape,
+    weights: _Params,
+    dy: _Array,
+    dhn: _Array | None = None,
+    dcn: _Array | None = None,
+    *,
+    grads: _Params,
+) -> tuple[_Array, _Array, _Array | None]: ...
+def step(
+    cell: str,
+    x: _Array,
+    weights: _Params,
+    h: _Array | None = None,
+    c: _Array | None = None,
+) -> tuple[_Array, _Array | None]: ...
+def set_num_threads(n: int) -> None: ...
+def get_num_threads() -> int: ...
+def simd_level() -> str: ...
+def gates(cell: str) -> int: ...

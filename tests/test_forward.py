@@ -1,0 +1,202 @@
+"""Forward pass of every cell against the plain NumPy reference."""
+
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+import pytest
+from helpers import CELLS, make_layer, mixed_lengths, random_state, seq_shape, split_state
+from reference import reference_forward
+
+TOL = {np.float64: dict(rtol=1e-12, atol=1e-12), np.float32: dict(rtol=1e-5, atol=1e-5)}
+B, T, I, H = 5, 6, 4, 3
+
+
+def lengths_for(pattern, batch, seq_len, rng):
+    if pattern == "none":
+        return None
+    if pattern == "full":
+        return np.full(batch, seq_len, dtype=np.int64)
+    return mixed_lengths(batch, seq_len, rng)
+
+
+def check_against_reference(layer, x, state, lengths, dtype):
+    cell = layer._cell
+    y, out_state = layer(x, state=state, lengths=lengths)
+    hn, cn = split_state(out_state)
+    h0, c0 = split_state(state) if state is not None else (None, None)
+    ry, rhn, rcn = reference_forward(
+        cell, layer.params, x, h0=h0, c0=c0, lengths=lengths, batch_first=layer.batch_first
+    )
+    assert y.dtype == dtype and hn.dtype == dtype
+    assert y.shape == ry.shape
+    assert hn.shape == rhn.shape
+    np.testing.assert_allclose(y, ry, **TOL[dtype])
+    np.testing.assert_allclose(hn, rhn, **TOL[dtype])
+    if layer._has_c:
+        assert cn.dtype == dtype and cn.shape == rcn.shape
+        np.testing.assert_allclose(cn, rcn, **TOL[dtype])
+    return y, hn, cn
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("with_state", [False, True], ids=["zero_state", "state"])
+@pytest.mark.parametrize("batch_first", [True, False], ids=["batch_first", "time_major"])
+@pytest.mark.parametrize("pattern", ["none", "full", "mixed"])
+@pytest.mark.parametrize("num_layers", [1, 2])
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
+@pytest.mark.parametrize("cell", CELLS)
+def test_forward_matches_reference(cell, bidirectional, num_layers, pattern, batch_first, with_state, dtype):
+    rng = np.random.default_rng(zlib.crc32(repr((cell, bidirectional, num_layers, pattern)).encode()))
+    layer = make_layer(
+        cell, I, H, num_layers, bidirectional=bidirectional, batch_first=batch_first, dtype=dtype, seed=1
+    )
+    x = rng.standard_normal(seq_shape(batch_first, B, T, I)).astype(dtype)
+    state = random_state(rng, layer, B, dtype) if with_state else None
+    lengths = lengths_for(pattern, B, T, rng)
+    y, hn, cn = check_against_reference(layer, x, state, lengths, dtype)
+    if lengths is not None:
+        yb = y if batch_first else y.transpose(1, 0, 2)
+        for b, n in enumerate(lengths):
+            assert np.all(yb[b, n:] == 0), f"outputs past length {n} of sequence {b} are not zero"
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_length_semantics_explicit(cell):
+    """Zeros past the lengths; the final state is the state at each sequence's own last step (forward
+    direction: the output at t = len - 1; reverse direction: the output at t = 0); each sequence
+    gives what it gives when run alone, truncated to its length."""
+    rng = np.random.default_rng(7)
+    batch, seq_len = 4, 7
+    lengths = np.array([3, 7, 1, 5])
+    layer = make_layer(cell, I, H, 2, bidirectional=True, dtype=np.float64, seed=3)
+    x = rng.standard_normal((batch, seq_len, I))
+    state = random_state(rng, layer, batch)
+    h0, c0 = split_state(state)
+    y, out = layer(x, state=state, lengths=lengths)
+    hn, cn = split_state(out)
+    for b, n in enumerate(lengths):
+        assert np.all(y[b, n:] == 0.0)
+        # top layer: forward half at its last step, reverse half at t = 0
+        np.testing.assert_allclose(hn[2, b], y[b, n - 1, :H], rtol=0, atol=1e-14)
+        np.testing.assert_allclose(hn[3, b], y[b, 0, H:], rtol=0, atol=1e-14)
+        # alone and truncated
+        sub_state = (h0[:, b : b + 1], c0[:, b : b + 1]) if layer._has_c else h0[:, b : b + 1]
+        y1, out1 = layer(x[b : b + 1, :n], state=sub_state)
+        hn1, cn1 = split_state(out1)
+        np.testing.assert_allclose(y[b, :n], y1[0], rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(hn[:, b], hn1[:, 0], rtol=1e-12, atol=1e-12)
+        if layer._has_c:
+            np.testing.assert_allclose(cn[:, b], cn1[:, 0], rtol=1e-12, atol=1e-12)
+    # padded inputs do not matter at all
+    x2 = x.copy()
+    for b, n in enumerate(lengths):
+        x2[b, n:] = rng.standard_normal((seq_len - n, I)) * 100
+    y2, out2 = layer(x2, state=state, lengths=lengths)
+    np.testing.assert_array_equal(y2, y)
+    for a, b2 in zip(split_state(out), split_state(out2), strict=True):
+        if a is not None:
+            np.testing.assert_array_equal(a, b2)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("cell", CELLS)
+def test_forward_large_batch_threads(cell, dtype, two_threads):
+    """B = 37 > 16 so that the batch is cut into per-thread slices; mixed lengths, 2 layers, both
+    directions, time-major and batch-first."""
+    rng = np.random.default_rng(11)
+    batch, seq_len = 37, 9
+    for batch_first in (True, False):
+        layer = make_layer(
+            cell, 5, 4, 2, bidirectional=True, batch_first=batch_first, dtype=dtype, seed=5
+        )
+        x = rng.standard_normal(seq_shape(batch_first, batch, seq_len, 5)).astype(dtype)
+        state = random_state(rng, layer, batch, dtype)
+        lengths = mixed_lengths(batch, seq_len, rng)
+        check_against_reference(layer, x, state, lengths, dtype)
+        check_against_reference(layer, x, None, None, dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("cell", CELLS)
+def test_forward_batch_of_one(cell, dtype):
+    rng = np.random.default_rng(13)
+    for batch_first in (True, False):
+        layer = make_layer(
+            cell, 3, 5, 2, bidirectional=True, batch_first=batch_first, dtype=dtype, seed=6
+        )
+        x = rng.standard_normal(seq_shape(batch_first, 1, 8, 3)).astype(dtype)
+        state = random_state(rng, layer, 1, dtype)
+        check_against_reference(layer, x, state, None, dtype)
+        check_against_reference(layer, x, state, np.array([5]), dtype)
+        check_against_reference(layer, x, None, np.array([1]), dtype)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_forward_without_bias(cell):
+    rng = np.random.default_rng(17)
+    layer = make_layer(cell, I, H, 2, bidirectional=True, bias=False, dtype=np.float64, seed=2)
+    assert not any(k.startswith("bias") for k in layer.params)
+    x = rng.standard_normal((B, T, I))
+    check_against_reference(layer, x, random_state(rng, layer, B), mixed_lengths(B, T, rng), np.float64)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_eval_mode_forward_is_the_same(cell):
+    rng = np.random.default_rng(19)
+    layer = make_layer(cell, I, H, 2, bidirectional=True, dtype=np.float64, seed=2, dropout=0.5)
+    x = rng.standard_normal((B, T, I))
+    layer.eval()
+    check_against_reference(layer, x, None, mixed_lengths(B, T, rng), np.float64)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_parameters_structure(cell):
+    gates = {"rnn_tanh": 1, "rnn_relu": 1, "lstm": 4, "gru": 3}[cell]
+    layer = make_layer(cell, 7, 5, 3, bidirectional=True, seed=0)
+    expected = {}
+    for k in range(3):
+        in_size = 7 if k == 0 else 10
+        for sfx in ("", "_reverse"):
+            expected[f"weight_ih_l{k}{sfx}"] = (gates * 5, in_size)
+            expected[f"weight_hh_l{k}{sfx}"] = (gates * 5, 5)
+            expected[f"bias_ih_l{k}{sfx}"] = (gates * 5,)
+            expected[f"bias_hh_l{k}{sfx}"] = (gates * 5,)
+    assert {k: v.shape for k, v in layer.params.items()} == expected
+    assert {k: v.shape for k, v in layer.grads.items()} == expected
+    assert layer.num_parameters() == sum(int(np.prod(s)) for s in expected.values())
+    bound = 1 / np.sqrt(5)
+    for v in layer.params.values():
+        assert v.dtype == np.float32
+        assert np.all(np.abs(v) <= bound)
+    allw = np.concatenate([v.ravel() for v in layer.params.values()])
+    assert allw.min() < -0.8 * bound and allw.max() > 0.8 * bound  # spread over the whole range
+    # state_dict round trip, and it is a copy
+    sd = layer.state_dict()
+    other = make_layer(cell, 7, 5, 3, bidirectional=True, seed=99)
+    other.load_state_dict(sd)
+    for k in sd:
+        np.testing.assert_array_equal(other.params[k], layer.params[k])
+    sd["weight_ih_l0"][...] = 0
+    assert np.any(layer.params["weight_ih_l0"] != 0)
+    # seeds are reproducible
+    again = make_layer(cell, 7, 5, 3, bidirectional=True, seed=0)
+    for k in sd:
+        np.testing.assert_array_equal(again.params[k], layer.params[k])
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_initial_state(cell):
+    layer = make_layer(cell, 3, 4, 2, bidirectional=True, dtype=np.float64)
+    st = layer.initial_state(5)
+    h, c = split_state(st)
+    assert h.shape == (4, 5, 4) and h.dtype == np.float64 and not h.any()
+    if layer._has_c:
+        assert c.shape == (4, 5, 4) and not c.any()
+    else:
+        assert c is None
+    x = np.random.default_rng(0).standard_normal((5, 6, 3))
+    y1, _ = layer(x)
+    y2, _ = layer(x, state=st)
+    np.testing.assert_array_equal(y1, y2)
