@@ -24,8 +24,12 @@ use crate::gemm::{add_column_sums, matmul, Mat, MatMut};
 use crate::simd::{dispatch, Float, Kernel};
 use rayon::prelude::*;
 
-/// A batch slice that runs its own time loop has at least this many sequences.
-const MIN_SLICE_ROWS: usize = 8;
+/// Sequences per batch slice: a slice runs its own time loop. The slicing depends on the batch
+/// size only, never on the thread count, so that results do not change with the number of
+/// threads (the GEMM crate's rounding depends on the row count of a product). Below two slices'
+/// worth, one loop runs and each step's GEMM is threaded instead, which is as fast once a step's
+/// GEMM is large, and results do not depend on the GEMM's thread count.
+const SLICE_ROWS: usize = 64;
 
 /// Sizes of one layer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -221,12 +225,8 @@ struct Plan {
 }
 
 impl Plan {
-    fn new(batch: usize, seq_len: usize, lengths: Option<&[usize]>, threads: usize) -> Plan {
-        let nslices = if threads > 1 {
-            (batch / MIN_SLICE_ROWS).clamp(1, threads)
-        } else {
-            1
-        };
+    fn new(batch: usize, seq_len: usize, lengths: Option<&[usize]>) -> Plan {
+        let nslices = (batch / SLICE_ROWS).max(1);
         let mut order: Vec<usize> = (0..batch).collect();
         if let Some(l) = lengths {
             order.sort_by_key(|&b| std::cmp::Reverse(l[b]));
@@ -244,11 +244,7 @@ impl Plan {
     }
 
     fn gemm_threads(&self, threads: usize) -> usize {
-        if self.slices.len() == 1 {
-            threads
-        } else {
-            1
-        }
+        threads.div_ceil(self.slices.len())
     }
 
     /// Run `f(first_row, rows, gemm_threads)` for every slice, the slices in parallel.
@@ -386,7 +382,7 @@ fn forward_impl<C: Cell, T: Float>(
 ) -> Option<Tape<T>> {
     let d = layer.dims;
     let (h, gh, rows, nd) = (d.hidden, layer.gh(), layer.rows(), layer.directions);
-    let plan = Plan::new(d.batch, d.seq_len, lengths, threads);
+    let plan = Plan::new(d.batch, d.seq_len, lengths);
     let ydim = nd * h;
     zero_padding(layer, lengths, y, ydim);
     let x_kept = train.then(|| {
@@ -893,7 +889,8 @@ thread_local! {
     static STEP_SCRATCH: std::cell::RefCell<Vec<f64>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// Run `f` on a zeroed scratch slice of `n` elements of `T` owned by this thread.
+/// Run `f` on a scratch slice of `n` elements of `T` owned by this thread (holding whatever
+/// the previous call left there).
 fn with_scratch<T: Float, R>(n: usize, f: impl FnOnce(&mut [T]) -> R) -> R {
     STEP_SCRATCH.with(|cell| {
         let mut buf = cell.borrow_mut();
@@ -987,6 +984,7 @@ fn step_impl<C: Cell, T: Float>(
     with_scratch::<T, _>(2 * batch * gh + hidden, |scratch| {
         let (xw, rest) = scratch.split_at_mut(batch * gh);
         let (hw, zeros) = rest.split_at_mut(batch * gh);
+        zeros.fill(T::ZERO);
         for (k, w) in layers.iter().enumerate() {
             let (done, now) = h_out.split_at_mut(k * bh);
             let (inp, width): (&[T], usize) = if k == 0 {

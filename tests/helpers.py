@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-
 import rnnkit
 
 CELLS = ("rnn_tanh", "rnn_relu", "lstm", "gru")

@@ -10,7 +10,7 @@ from helpers import CELLS, make_layer, mixed_lengths, random_state, seq_shape, s
 from reference import reference_forward
 
 TOL = {np.float64: dict(rtol=1e-12, atol=1e-12), np.float32: dict(rtol=1e-5, atol=1e-5)}
-B, T, I, H = 5, 6, 4, 3
+B, T, IN, H = 5, 6, 4, 3
 
 
 def lengths_for(pattern, batch, seq_len, rng):
@@ -50,9 +50,9 @@ def check_against_reference(layer, x, state, lengths, dtype):
 def test_forward_matches_reference(cell, bidirectional, num_layers, pattern, batch_first, with_state, dtype):
     rng = np.random.default_rng(zlib.crc32(repr((cell, bidirectional, num_layers, pattern)).encode()))
     layer = make_layer(
-        cell, I, H, num_layers, bidirectional=bidirectional, batch_first=batch_first, dtype=dtype, seed=1
+        cell, IN, H, num_layers, bidirectional=bidirectional, batch_first=batch_first, dtype=dtype, seed=1
     )
-    x = rng.standard_normal(seq_shape(batch_first, B, T, I)).astype(dtype)
+    x = rng.standard_normal(seq_shape(batch_first, B, T, IN)).astype(dtype)
     state = random_state(rng, layer, B, dtype) if with_state else None
     lengths = lengths_for(pattern, B, T, rng)
     y, hn, cn = check_against_reference(layer, x, state, lengths, dtype)
@@ -70,8 +70,8 @@ def test_length_semantics_explicit(cell):
     rng = np.random.default_rng(7)
     batch, seq_len = 4, 7
     lengths = np.array([3, 7, 1, 5])
-    layer = make_layer(cell, I, H, 2, bidirectional=True, dtype=np.float64, seed=3)
-    x = rng.standard_normal((batch, seq_len, I))
+    layer = make_layer(cell, IN, H, 2, bidirectional=True, dtype=np.float64, seed=3)
+    x = rng.standard_normal((batch, seq_len, IN))
     state = random_state(rng, layer, batch)
     h0, c0 = split_state(state)
     y, out = layer(x, state=state, lengths=lengths)
@@ -92,7 +92,7 @@ def test_length_semantics_explicit(cell):
     # padded inputs do not matter at all
     x2 = x.copy()
     for b, n in enumerate(lengths):
-        x2[b, n:] = rng.standard_normal((seq_len - n, I)) * 100
+        x2[b, n:] = rng.standard_normal((seq_len - n, IN)) * 100
     y2, out2 = layer(x2, state=state, lengths=lengths)
     np.testing.assert_array_equal(y2, y)
     for a, b2 in zip(split_state(out), split_state(out2), strict=True):
@@ -108,9 +108,7 @@ def test_forward_large_batch_threads(cell, dtype, two_threads):
     rng = np.random.default_rng(11)
     batch, seq_len = 37, 9
     for batch_first in (True, False):
-        layer = make_layer(
-            cell, 5, 4, 2, bidirectional=True, batch_first=batch_first, dtype=dtype, seed=5
-        )
+        layer = make_layer(cell, 5, 4, 2, bidirectional=True, batch_first=batch_first, dtype=dtype, seed=5)
         x = rng.standard_normal(seq_shape(batch_first, batch, seq_len, 5)).astype(dtype)
         state = random_state(rng, layer, batch, dtype)
         lengths = mixed_lengths(batch, seq_len, rng)
@@ -123,9 +121,7 @@ def test_forward_large_batch_threads(cell, dtype, two_threads):
 def test_forward_batch_of_one(cell, dtype):
     rng = np.random.default_rng(13)
     for batch_first in (True, False):
-        layer = make_layer(
-            cell, 3, 5, 2, bidirectional=True, batch_first=batch_first, dtype=dtype, seed=6
-        )
+        layer = make_layer(cell, 3, 5, 2, bidirectional=True, batch_first=batch_first, dtype=dtype, seed=6)
         x = rng.standard_normal(seq_shape(batch_first, 1, 8, 3)).astype(dtype)
         state = random_state(rng, layer, 1, dtype)
         check_against_reference(layer, x, state, None, dtype)
@@ -136,17 +132,17 @@ def test_forward_batch_of_one(cell, dtype):
 @pytest.mark.parametrize("cell", CELLS)
 def test_forward_without_bias(cell):
     rng = np.random.default_rng(17)
-    layer = make_layer(cell, I, H, 2, bidirectional=True, bias=False, dtype=np.float64, seed=2)
+    layer = make_layer(cell, IN, H, 2, bidirectional=True, bias=False, dtype=np.float64, seed=2)
     assert not any(k.startswith("bias") for k in layer.params)
-    x = rng.standard_normal((B, T, I))
+    x = rng.standard_normal((B, T, IN))
     check_against_reference(layer, x, random_state(rng, layer, B), mixed_lengths(B, T, rng), np.float64)
 
 
 @pytest.mark.parametrize("cell", CELLS)
 def test_eval_mode_forward_is_the_same(cell):
     rng = np.random.default_rng(19)
-    layer = make_layer(cell, I, H, 2, bidirectional=True, dtype=np.float64, seed=2, dropout=0.5)
-    x = rng.standard_normal((B, T, I))
+    layer = make_layer(cell, IN, H, 2, bidirectional=True, dtype=np.float64, seed=2, dropout=0.5)
+    x = rng.standard_normal((B, T, IN))
     layer.eval()
     check_against_reference(layer, x, None, mixed_lengths(B, T, rng), np.float64)
 

@@ -1,0 +1,208 @@
+"""float32 against float64, 1 thread against 2, and non-finite numbers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import rnnkit
+from helpers import CELLS, make_layer, mixed_lengths, random_state, seq_shape, split_state
+from reference import reference_forward, rel_error
+
+
+def run(layer, x, state, lengths, dy, dstate):
+    """Forward + backward; everything the layer produces, as a flat list of (name, array)."""
+    layer.zero_grad()
+    y, out = layer(x, state=state, lengths=lengths)
+    hn, cn = split_state(out)
+    dx, ds0 = layer.backward(dy, dstate)
+    dh0, dc0 = split_state(ds0)
+    res = [("y", y), ("hn", hn), ("dx", dx), ("dh0", dh0)]
+    if cn is not None:
+        res += [("cn", cn), ("dc0", dc0)]
+    res += [(f"grad {k}", v.copy()) for k, v in sorted(layer.grads.items())]
+    return res
+
+
+def problem(cell, batch, seq_len, input_size, hidden, batch_first, rng, dtype):
+    layer = make_layer(
+        cell, input_size, hidden, 2, bidirectional=True, batch_first=batch_first, dtype=dtype, seed=21
+    )
+    x = rng.standard_normal(seq_shape(batch_first, batch, seq_len, input_size)).astype(dtype)
+    state = random_state(rng, layer, batch, dtype)
+    lengths = mixed_lengths(batch, seq_len, rng) if batch > 1 else np.array([seq_len - 3])
+    dy = rng.standard_normal(seq_shape(batch_first, batch, seq_len, 2 * hidden)).astype(dtype)
+    dstate = random_state(rng, layer, batch, dtype, scale=1.0)
+    return layer, x, state, lengths, dy, dstate
+
+
+@pytest.mark.parametrize(("batch", "hidden"), [(4, 64), (40, 32)])
+@pytest.mark.parametrize("cell", CELLS)
+def test_float32_close_to_float64(cell, batch, hidden):
+    rng = np.random.default_rng(31)
+    l32, x, state, lengths, dy, dstate = problem(cell, batch, 20, 16, hidden, True, rng, np.float32)
+    l64 = make_layer(cell, 16, hidden, 2, bidirectional=True, dtype=np.float64, seed=999)
+    l64.load_state_dict(l32.state_dict())
+    for k, v in l32.params.items():
+        assert l64.params[k].dtype == np.float64
+        np.testing.assert_array_equal(l64.params[k], v.astype(np.float64))
+
+    def as64(s):
+        return tuple(a.astype(np.float64) for a in s) if isinstance(s, tuple) else s.astype(np.float64)
+
+    r32 = run(l32, x, state, lengths, dy, dstate)
+    r64 = run(l64, x.astype(np.float64), as64(state), lengths, dy.astype(np.float64), as64(dstate))
+    for (name, a), (_, b) in zip(r32, r64, strict=True):
+        assert a.dtype == np.float32 and b.dtype == np.float64, name
+        if name in ("y", "hn", "cn"):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=name)
+        else:  # gradients sum over many steps: compare them in norm
+            assert rel_error(a, b) <= 1e-5, (name, rel_error(a, b))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("batch", [1, 8, 40])
+@pytest.mark.parametrize("cell", CELLS)
+def test_one_thread_equals_two_threads(cell, batch, dtype, num_threads):
+    """Forward and backward give the same results with 1 and 2 kernel threads.
+
+    Bitwise equality is required except with lengths at a batch large enough (>= 16) to be cut
+    into per-thread slices. There, the recurrent GEMM of a step covers only the sequences still
+    running in the thread's slice instead of in the whole batch, and the GEMM crate's kernel (and
+    so its rounding) depends on that row count: even with one thread, a sequence's outputs differ
+    in the last bit depending on how many other sequences are still running (see
+    test_batch_composition_rounding_is_ulp_level). So there the results must agree to 1e-6
+    (norm-relative) instead.
+    """
+    rng = np.random.default_rng(batch)
+    for batch_first in (True, False):
+        layer, x, state, lengths, dy, dstate = problem(cell, batch, 12, 8, 32, batch_first, rng, dtype)
+        for lens in (lengths, None):
+            num_threads(1)
+            assert rnnkit.get_num_threads() == 1
+            one = run(layer, x, state, lens, dy, dstate)
+            num_threads(2)
+            assert rnnkit.get_num_threads() == 2
+            two = run(layer, x, state, lens, dy, dstate)
+            exact = lens is None or batch < 16
+            for (name, a), (_, b) in zip(one, two, strict=True):
+                msg = f"{name} (batch_first={batch_first}, lengths={lens is not None})"
+                if exact:
+                    np.testing.assert_array_equal(a, b, err_msg=msg)
+                else:
+                    assert rel_error(a, b) <= 1e-6, (msg, rel_error(a, b))
+                    assert np.array_equal(a == 0, b == 0), msg  # padding zeros stay exact
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_batch_composition_rounding_is_ulp_level(cell, num_threads):
+    """With one thread, a sequence's outputs may change in the last bits when the number of other
+    sequences still running changes (the GEMM's kernel depends on its row count), but no more."""
+    num_threads(1)
+    rng = np.random.default_rng(3)
+    layer = make_layer(cell, 8, 32, 1, dtype=np.float64, seed=21)
+    x = rng.standard_normal((40, 12, 8))
+    base, _ = layer(x)
+    for running in (1, 2, 5, 9, 20, 40):
+        lens = np.ones(40, dtype=np.int64)
+        lens[:running] = 12
+        y, _ = layer(x, lengths=lens)
+        np.testing.assert_allclose(y[0], base[0], rtol=1e-13, atol=1e-14)
+    alone, _ = layer(x[:1])
+    np.testing.assert_allclose(alone[0], base[0], rtol=1e-13, atol=1e-14)
+
+
+def test_set_num_threads_restored(num_threads):
+    before = rnnkit.get_num_threads()
+    num_threads(1)
+    assert rnnkit.get_num_threads() == 1
+    num_threads(3)
+    assert rnnkit.get_num_threads() == 3
+    num_threads(before)
+    assert rnnkit.get_num_threads() == before
+    assert rnnkit.simd_level() in ("avx512", "avx2", "baseline")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
+@pytest.mark.parametrize("cell", CELLS)
+def test_nan_propagates_within_its_sequence(cell, bidirectional, dtype):
+    rng = np.random.default_rng(41)
+    batch, seq_len, t0, b0 = 5, 7, 3, 2
+    layer = make_layer(cell, 4, 6, 1, bidirectional=bidirectional, dtype=dtype, seed=8)
+    x = rng.standard_normal((batch, seq_len, 4)).astype(dtype)
+    x[b0, t0, 1] = np.nan
+    y, out = layer(x)
+    hn, cn = split_state(out)
+    fwd = y[..., :6]
+    assert np.all(np.isnan(fwd[b0, t0:])), "NaN in x did not reach the later outputs"
+    assert np.all(np.isfinite(fwd[b0, :t0]))
+    assert np.all(np.isnan(hn[0, b0]))
+    if bidirectional:
+        rev = y[..., 6:]
+        assert np.all(np.isnan(rev[b0, : t0 + 1])), "NaN in x did not reach the reverse outputs"
+        assert np.all(np.isfinite(rev[b0, t0 + 1 :]))
+        assert np.all(np.isnan(hn[1, b0]))
+    others = [b for b in range(batch) if b != b0]
+    assert np.all(np.isfinite(y[others])), "NaN leaked into other sequences"
+    assert np.all(np.isfinite(hn[:, others]))
+    if cn is not None:
+        assert np.all(np.isnan(cn[:, b0])) and np.all(np.isfinite(cn[:, others]))
+
+
+@pytest.mark.parametrize("value", [np.inf, -np.inf])
+@pytest.mark.parametrize("cell", CELLS)
+def test_inf_in_x_behaves_like_ieee(cell, value):
+    """Inf in x gives what IEEE arithmetic gives in the reference (saturated gates, or NaN where the
+    reference has one), and nothing in the other sequences."""
+    rng = np.random.default_rng(43)
+    batch, seq_len = 4, 6
+    layer = make_layer(cell, 3, 5, 2, bidirectional=True, dtype=np.float64, seed=9)
+    x = rng.standard_normal((batch, seq_len, 3))
+    x[1, 2, 0] = value
+    y, out = layer(x)
+    hn, cn = split_state(out)
+    with np.errstate(all="ignore"):
+        ry, rhn, rcn = reference_forward(cell, layer.params, x)
+    np.testing.assert_array_equal(np.isnan(y), np.isnan(ry))
+    np.testing.assert_allclose(y, ry, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(hn, rhn, rtol=1e-12, atol=1e-12)
+    if cn is not None:
+        np.testing.assert_allclose(cn, rcn, rtol=1e-12, atol=1e-12)
+    assert np.all(np.isfinite(y[[0, 2, 3]]))
+
+
+@pytest.mark.parametrize("batch_first", [True, False], ids=["batch_first", "time_major"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("cell", CELLS)
+def test_non_finite_padding_does_not_leak(cell, dtype, batch_first):
+    """NaN and Inf in x past a sequence's length change nothing: outputs, final states, dx and all
+    parameter gradients are those with zeros there."""
+    rng = np.random.default_rng(47)
+    batch, seq_len = 20, 6
+    layer = make_layer(cell, 3, 4, 2, bidirectional=True, batch_first=batch_first, dtype=dtype, seed=10)
+    xb = rng.standard_normal((batch, seq_len, 3)).astype(dtype)
+    lengths = mixed_lengths(batch, seq_len, rng)
+    lengths[3] = seq_len - 1
+    clean = xb.copy()
+    dirty = xb.copy()
+    for b, n in enumerate(lengths):
+        clean[b, n:] = 0
+        dirty[b, n:] = np.nan
+    dirty[3, seq_len - 1, 0] = np.inf
+    dirty[3, seq_len - 1, 1] = -np.inf
+
+    def layout(a):
+        return a if batch_first else np.ascontiguousarray(a.transpose(1, 0, 2))
+
+    state = random_state(rng, layer, batch, dtype)
+    dy = rng.standard_normal(seq_shape(batch_first, batch, seq_len, 8)).astype(dtype)
+    dstate = random_state(rng, layer, batch, dtype)
+    want = run(layer, layout(clean), state, lengths, dy, dstate)
+    got = run(layer, layout(dirty), state, lengths, dy, dstate)
+    for (name, a), (_, b) in zip(got, want, strict=True):
+        if name == "dx":
+            a, b = layout(a), layout(b)
+            for s, n in enumerate(lengths):
+                assert np.all(a[s, n:] == 0), f"dx is not zero past the length of sequence {s}"
+        assert np.all(np.isfinite(a)), f"non-finite padding leaked into {name}"
+        np.testing.assert_array_equal(a, b, err_msg=name)
