@@ -79,7 +79,7 @@ class Timing:
 
 
 FULL = Timing(
-    warmup=1, min_repeats=3, max_repeats=15, budget=3.0, min_repeat_time=0.05, seq_len=100, peak_repeats=5
+    warmup=1, min_repeats=5, max_repeats=20, budget=4.0, min_repeat_time=0.05, seq_len=100, peak_repeats=5
 )
 QUICK = Timing(
     warmup=0, min_repeats=1, max_repeats=1, budget=0.0, min_repeat_time=0.0, seq_len=8, peak_repeats=1
@@ -163,24 +163,31 @@ def gc_paused() -> Iterator[None]:
             gc.enable()
 
 
-def measure(fn: Callable[[], object], timing: Timing) -> Stats:
-    """Warm up, pick calls per repeat and a repeat count within the budget, then time."""
+def measure(runners: dict[str, Runner], timing: Timing) -> dict[str, Stats]:
+    """Time every side, round-robin so that the machine's noise falls on all of them alike.
 
-    def repeat(number: int) -> float:
+    Each side is warmed up and given enough calls per repeat to take `min_repeat_time`; the
+    repeat count fits the slowest side's repeats into `budget`, within [min_repeats, max_repeats].
+    """
+
+    def repeat(fn: Runner, number: int) -> float:
         t0 = time.perf_counter()
         for _ in range(number):
             fn()
         return time.perf_counter() - t0
 
     with gc_paused():
-        once = repeat(1)  # warm-up and calibration
-        number = max(1, math.ceil(timing.min_repeat_time / max(once, 1e-9)))
-        per_repeat = max(once * number, 1e-9)
-        repeats = min(timing.max_repeats, max(timing.min_repeats, int(timing.budget / per_repeat)))
-        for _ in range(timing.warmup):
-            repeat(number)
-        times = [repeat(number) / number for _ in range(repeats)]
-    return Stats(statistics.median(times), min(times), repeats, number)
+        once = {side: repeat(fn, 1) for side, fn in runners.items()}  # warm-up and calibration
+        number = {side: max(1, math.ceil(timing.min_repeat_time / max(t, 1e-9))) for side, t in once.items()}
+        slowest = max((once[side] * number[side] for side in runners), default=1.0)
+        repeats = min(timing.max_repeats, max(timing.min_repeats, int(timing.budget / max(slowest, 1e-9))))
+        times: dict[str, list[float]] = {side: [] for side in runners}
+        for i in range(timing.warmup + repeats):
+            for side, fn in runners.items():
+                t = repeat(fn, number[side]) / number[side]
+                if i >= timing.warmup:
+                    times[side].append(t)
+    return {side: Stats(statistics.median(ts), min(ts), repeats, number[side]) for side, ts in times.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,6 +246,7 @@ def machine() -> dict[str, Any]:
         "versions": {d: version(d) for d in ("numpy", "torch", "onnxruntime", "onnx", "matplotlib")}
         | {"rnnkit": rnnkit.__version__},
         "rnnkit_simd": rnnkit.simd_level(),
+        "load_average_at_start": os.getloadavg(),
         "numpy_blas_in_process": blas_info(),
         "env": {k: os.environ.get(k) for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OMP_NUM_THREADS")},
     }
@@ -615,8 +623,7 @@ def run_case(case: Case, peers: Peers, timing: Timing, workdir: Path) -> Row:
             del runners[side]
 
     per = 1.0 / case.seq if case.streaming else 1.0
-    for side, run in runners.items():
-        row.times[side] = measure(run, timing).scaled(per)
+    row.times = {side: stats.scaled(per) for side, stats in measure(runners, timing).items()}
     return row
 
 
@@ -680,7 +687,9 @@ def markdown(result: dict[str, Any], rows: Sequence[Row], peaks: dict[int, dict[
         f"onnxruntime {m['versions']['onnxruntime'] or 'not installed'}, Python {m['python']}.",
         f"Threads: {threads} on every side unless the config says otherwise. "
         f"{QUICK_WARNING if result['settings']['quick'] else ''}"
-        "Times: median (min) of the repeats; ratios: peer median / rnnkit median (> 1: rnnkit faster).",
+        "Times: median (min) of the repeats; ratios: peer median / rnnkit median (> 1: rnnkit faster). "
+        f"Run took {result['seconds']:.0f} s; load average (1 min) {m['load_average_at_start'][0]:.2f} "
+        f"at start, {m['load_average_at_end'][0]:.2f} at end.",
         "",
     ]
     for t, p in sorted(peaks.items()):
@@ -832,6 +841,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if why_not:
         notes.append(why_not)
     result["seconds"] = time.perf_counter() - start
+    info["load_average_at_end"] = os.getloadavg()
     (args.out / "results.md").write_text(markdown(result, rows, peaks))
     (args.out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}/results.{{json,md{',png' if not why_not else ''}}} in {result['seconds']:.1f} s")

@@ -161,7 +161,7 @@ impl Problem {
             b_hh: &mut g.b_hh,
         }];
         backward(
-            tape,
+            &tape,
             &w,
             &self.dy,
             None,

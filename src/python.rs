@@ -202,7 +202,7 @@ impl PyTape {
     /// Whether backward has not been run on this tape yet.
     #[getter]
     fn pending(&self) -> bool {
-        self.inner.lock().map(|t| t.is_some()).unwrap_or(false)
+        self.inner.try_lock().map(|t| t.is_some()).unwrap_or(true)
     }
     fn __repr__(&self) -> String {
         format!(
@@ -222,13 +222,13 @@ type ForwardOut<'py> = (
 
 trait Wrap: Float + Element {
     fn wrap(t: Tape<Self>) -> AnyTape;
-    fn unwrap(t: AnyTape) -> Option<Tape<Self>>;
+    fn peek(t: &AnyTape) -> Option<&Tape<Self>>;
 }
 impl Wrap for f32 {
     fn wrap(t: Tape<f32>) -> AnyTape {
         AnyTape::F32(t)
     }
-    fn unwrap(t: AnyTape) -> Option<Tape<f32>> {
+    fn peek(t: &AnyTape) -> Option<&Tape<f32>> {
         match t {
             AnyTape::F32(t) => Some(t),
             AnyTape::F64(_) => None,
@@ -239,7 +239,7 @@ impl Wrap for f64 {
     fn wrap(t: Tape<f64>) -> AnyTape {
         AnyTape::F64(t)
     }
-    fn unwrap(t: AnyTape) -> Option<Tape<f64>> {
+    fn peek(t: &AnyTape) -> Option<&Tape<f64>> {
         match t {
             AnyTape::F64(t) => Some(t),
             AnyTape::F32(_) => None,
@@ -387,17 +387,19 @@ fn backward_t<'py, T: Wrap>(
         }
         gbufs.push(arrs);
     }
-    // Take the tape only once every argument has been accepted, so that a bad call can be retried.
-    let layer = {
-        let guard = tape.inner.lock().map_err(|_| value_err("tape is poisoned".into()))?;
-        let t = guard.as_ref().ok_or_else(|| {
-            value_err("backward was already run for this forward; run a training forward again".into())
-        })?;
-        match t {
-            AnyTape::F32(t) => *t.layer(),
-            AnyTape::F64(t) => *t.layer(),
-        }
-    };
+    // The tape is used up only when backward succeeds, so that a rejected call can be retried.
+    // try_lock: a second thread must not wait for the lock while holding the GIL.
+    let mut guard = tape
+        .inner
+        .try_lock()
+        .map_err(|_| value_err("this tape is in use by another backward call".into()))?;
+    let any = guard
+        .as_ref()
+        .ok_or_else(|| value_err("backward was already run for this forward; run a training forward again".into()))?;
+    let typed = T::peek(any).ok_or_else(|| {
+        PyTypeError::new_err(format!("dy must have the dtype of the forward pass ({})", tape.dtype))
+    })?;
+    let layer = *typed.layer();
     let d = layer.dims;
     let nd = layer.directions;
     let want = if layer.layout == Layout::BatchFirst {
@@ -423,15 +425,6 @@ fn backward_t<'py, T: Wrap>(
             }
         }
     }
-    let typed = {
-        let mut guard = tape.inner.lock().map_err(|_| value_err("tape is poisoned".into()))?;
-        let any = guard
-            .take()
-            .ok_or_else(|| value_err("backward was already run for this forward".into()))?;
-        T::unwrap(any).ok_or_else(|| {
-            PyTypeError::new_err(format!("dy must have the dtype of the forward pass ({})", tape.dtype))
-        })?
-    };
     let xshape = if layer.layout == Layout::BatchFirst {
         [d.batch, d.seq_len, d.input]
     } else {
@@ -473,6 +466,7 @@ fn backward_t<'py, T: Wrap>(
         );
         py.detach(|| sweep::backward(typed, &w, dys, dhns, dcns, dxs, dhs, dcs, &mut gs))?;
     }
+    *guard = None;
     Ok((dx.into_any(), dh0.into_any(), dc0.map(|c| c.into_any())))
 }
 

@@ -598,12 +598,13 @@ impl<C: Cell, T: Float> Kernel for FwdStep<'_, '_, C, T> {
 // Backward
 // ---------------------------------------------------------------------------------------------
 
-/// Backpropagate through the layer of `tape`. `dy` is (T*B, D*H) in the layer's row order;
+/// Backpropagate through the layer of `tape` (which can be used again: the caller decides when
+/// it is spent). `dy` is (T*B, D*H) in the layer's row order;
 /// `dhn`, `dcn` the gradients of the final states (D, B, H). Writes `dx` (T*B, I), `dh0` and
 /// `dc0` (D, B, H; `dc0` empty unless LSTM) and adds the parameter gradients to `grads`.
 #[allow(clippy::too_many_arguments)]
 pub fn backward<T: Float>(
-    tape: Tape<T>,
+    tape: &Tape<T>,
     weights: &[Weights<'_, T>],
     dy: &[T],
     dhn: Option<&[T]>,
@@ -657,7 +658,7 @@ pub fn backward<T: Float>(
         .map_err(|e| Error::Shape(format!("gradient buffer: {e}")))?;
 
     crate::threads::run(
-        |threads| crate::with_cell!(layer.cell, cell: C => backward_impl::<C, T>(cell, &tape, weights, dy, dhn, dcn, dx, dh0, dc0, grads, threads)),
+        |threads| crate::with_cell!(layer.cell, cell: C => backward_impl::<C, T>(cell, tape, weights, dy, dhn, dcn, dx, dh0, dc0, grads, threads)),
     )
 }
 

@@ -419,7 +419,7 @@ fn run_backward<T: Float>(
         .map(|[w_ih, w_hh, b_ih, b_hh]| Grads { w_ih, w_hh, b_ih, b_hh })
         .collect();
     backward(
-        tape,
+        &tape,
         &weights_of(&params),
         &dy,
         dhn.as_deref(),
@@ -1341,7 +1341,7 @@ fn backward_rejects_bad_arguments() {
                 .map(|[w_ih, w_hh, b_ih, b_hh]| Grads { w_ih, w_hh, b_ih, b_hh })
                 .collect();
             backward(
-                tape,
+                &tape,
                 &weights_of(&a.params),
                 &a.dy,
                 a.dhn.as_deref(),

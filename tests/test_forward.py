@@ -196,3 +196,49 @@ def test_initial_state(cell):
     y1, _ = layer(x)
     y2, _ = layer(x, state=st)
     np.testing.assert_array_equal(y1, y2)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("hidden", [1, 7, 19, 33])
+@pytest.mark.parametrize("cell", CELLS)
+def test_forward_hidden_sizes_and_saturation(cell, hidden, dtype):
+    """Hidden sizes around the SIMD widths, and inputs large enough to saturate the gates."""
+    rng = np.random.default_rng(hidden)
+    layer = make_layer(cell, 5, hidden, 2, bidirectional=True, dtype=dtype, seed=1)
+    scales = (1.0, 30.0) if cell == "rnn_relu" else (1.0, 30.0, 1000.0)
+    for scale in scales:
+        x = (scale * rng.standard_normal((6, 9, 5))).astype(dtype)
+        lengths = mixed_lengths(6, 9, rng)
+        state = random_state(rng, layer, 6, dtype)
+        h0, c0 = split_state(state)
+        y, out = layer(x, state, lengths)
+        with np.errstate(over="ignore"):
+            ry, rhn, rcn = reference_forward(cell, layer.params, x, h0, c0, lengths)
+        tol = 1e-12 if dtype == np.float64 else 1e-5
+        for name, a, b in [("y", y, ry), ("hn", split_state(out)[0], rhn), ("cn", split_state(out)[1], rcn)]:
+            if b is None:
+                continue
+            assert np.all(np.isfinite(a)), name
+            err = np.max(np.abs(a - b) / (1 + np.abs(b)))
+            assert err <= tol, (name, scale, err)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("cell", CELLS)
+def test_step_matches_forward(cell, dtype):
+    """layer.step over the time steps one by one gives forward's outputs and final state."""
+    rng = np.random.default_rng(23)
+    layer = make_layer(cell, IN, H, 2, dtype=dtype, seed=4)
+    x = rng.standard_normal((B, T, IN)).astype(dtype)
+    state = random_state(rng, layer, B, dtype)
+    layer.eval()
+    y, out = layer(x, state=state)
+    s = state
+    for t in range(T):
+        yt, s = layer.step(x[:, t], s)
+        np.testing.assert_allclose(yt, y[:, t], **TOL[dtype])
+    for a, b in zip(split_state(s), split_state(out), strict=True):
+        if a is not None:
+            np.testing.assert_allclose(a, b, **TOL[dtype])
+    with pytest.raises(ValueError, match="bidirectional"):
+        make_layer(cell, IN, H, bidirectional=True).step(x[:, 0])

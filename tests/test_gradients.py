@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from helpers import CELLS, make_layer, random_state, seq_shape, split_state
+from helpers import CELLS, make_layer, mixed_lengths, random_state, seq_shape, split_state
 from reference import loss, loss_weights, numerical_gradient, reference_forward, rel_error
 
 GRAD_TOL = 1e-6
@@ -203,3 +203,53 @@ def test_dropout_statistics(cell):
     # a new forward draws a new mask
     layer(x)
     assert np.any(layer._masks[0] != mask)
+
+
+@pytest.mark.parametrize("batch_first", [True, False], ids=["batch_first", "time_major"])
+@pytest.mark.parametrize("cell", CELLS)
+def test_large_batch_gradients_are_sums_over_sequences(cell, batch_first, two_threads):
+    """B = 37 with mixed lengths (the batch is cut into per-thread slices and sorted by length): dx,
+    dstate0 and the parameter gradients equal those of each sequence run alone (the parameter
+    gradients summed over the sequences). The B = 1 path is checked against finite differences above."""
+    rng = np.random.default_rng(10)
+    batch, seq_len, hidden = 37, 7, 4
+    layer = make_layer(
+        cell, IN, hidden, 2, bidirectional=True, batch_first=batch_first, dtype=np.float64, seed=12
+    )
+    x = rng.standard_normal(seq_shape(batch_first, batch, seq_len, IN))
+    state = random_state(rng, layer, batch)
+    lengths = mixed_lengths(batch, seq_len, rng)
+    sshape = (4, batch, hidden)
+    wy, wh, wc = loss_weights(rng, seq_shape(batch_first, batch, seq_len, 2 * hidden), sshape, layer._has_c)
+    _, dx, dh0, dc0, grads = run_layer_gradients(layer, x, state, lengths, wy, wh, wc)
+
+    bax = 0 if batch_first else 1  # the batch axis of x, y, dx
+    total = {k: np.zeros_like(v) for k, v in grads.items()}
+    h0, c0 = split_state(state)
+    for b in range(batch):
+        one = slice(b, b + 1)
+        xb = np.take(x, [b], axis=bax)
+        sb = (h0[:, one], c0[:, one]) if layer._has_c else h0[:, one]
+        wyb = np.take(wy, [b], axis=bax)
+        wcb = None if wc is None else wc[:, one]
+        _, dxb, dh0b, dc0b, gb = run_layer_gradients(layer, xb, sb, lengths[one], wyb, wh[:, one], wcb)
+        np.testing.assert_allclose(np.take(dx, [b], axis=bax), dxb, rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(dh0[:, one], dh0b, rtol=1e-10, atol=1e-12)
+        if layer._has_c:
+            np.testing.assert_allclose(dc0[:, one], dc0b, rtol=1e-10, atol=1e-12)
+        for k in total:
+            total[k] += gb[k]
+    for k in total:
+        assert rel_error(grads[k], total[k]) <= 1e-10, k
+
+
+@pytest.mark.parametrize(("hidden", "bidirectional"), [(9, True), (17, False)], ids=["H9_bi", "H17_uni"])
+@pytest.mark.parametrize("cell", CELLS)
+def test_gradients_hidden_sizes_past_simd_width(cell, hidden, bidirectional):
+    """Hidden sizes that fill whole SIMD vectors (4 doubles, 8 floats with AVX2) plus a remainder, so
+    that the vectorised pointwise backward is checked, not only its scalar tail."""
+    rng = np.random.default_rng(hidden)
+    layer = make_layer(cell, IN, hidden, 1, bidirectional=bidirectional, dtype=np.float64, seed=13)
+    x = rng.standard_normal((2, 3, IN))
+    state = random_state(rng, layer, 2)
+    check_all_gradients(cell, layer, x, state, np.array([3, 2]), seed=14)

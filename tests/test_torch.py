@@ -9,22 +9,22 @@ from helpers import CELLS, make_layer, split_state
 
 torch = pytest.importorskip("torch")
 
-B, T, IN, H = 4, 6, 5, 3
+B, T, IN, H = 4, 6, 5, 3  # H: the default hidden size
 TOL = dict(rtol=1e-10, atol=1e-10)
 
 
-def torch_module(cell):
+def torch_module(cell, hidden):
     kwargs = dict(num_layers=2, bidirectional=True, batch_first=True)
     if cell.startswith("rnn_"):
-        return torch.nn.RNN(IN, H, nonlinearity=cell[4:], **kwargs)
-    return {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU}[cell](IN, H, **kwargs)
+        return torch.nn.RNN(IN, hidden, nonlinearity=cell[4:], **kwargs)
+    return {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU}[cell](IN, hidden, **kwargs)
 
 
-def loaded_pair(cell, dtype):
+def loaded_pair(cell, dtype, hidden=H):
     torch.manual_seed(0)
-    m = torch_module(cell)
+    m = torch_module(cell, hidden)
     m = m.double() if dtype == np.float64 else m.float()
-    layer = make_layer(cell, IN, H, 2, bidirectional=True, dtype=dtype, seed=123)
+    layer = make_layer(cell, IN, hidden, 2, bidirectional=True, dtype=dtype, seed=123)
     sd = {k: v.detach().numpy() for k, v in m.state_dict().items()}
     assert set(sd) == set(layer.params)
     layer.load_state_dict(sd)
@@ -76,18 +76,19 @@ def run_rnnkit(layer, x, h0, c0, lengths, wy, wh, wc):
     return res
 
 
+@pytest.mark.parametrize("hidden", [H, 20])
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
 @pytest.mark.parametrize("cell", CELLS)
-def test_matches_torch(cell, packed):
+def test_matches_torch(cell, packed, hidden):
     rng = np.random.default_rng(71)
-    m, layer = loaded_pair(cell, np.float64)
+    m, layer = loaded_pair(cell, np.float64, hidden)
     x = rng.standard_normal((B, T, IN))
-    h0 = rng.standard_normal((4, B, H))
-    c0 = rng.standard_normal((4, B, H)) if cell == "lstm" else None
+    h0 = rng.standard_normal((4, B, hidden))
+    c0 = rng.standard_normal((4, B, hidden)) if cell == "lstm" else None
     lengths = np.array([3, T, 1, 4]) if packed else None
-    wy = rng.standard_normal((B, T, 2 * H))
-    wh = rng.standard_normal((4, B, H))
-    wc = rng.standard_normal((4, B, H)) if cell == "lstm" else None
+    wy = rng.standard_normal((B, T, 2 * hidden))
+    wh = rng.standard_normal((4, B, hidden))
+    wc = rng.standard_normal((4, B, hidden)) if cell == "lstm" else None
     want = run_torch(m, cell, x, h0, c0, lengths, wy, wh, wc)
     got = run_rnnkit(layer, x, h0, c0, lengths, wy, wh, wc)
     assert set(got) == set(want)
