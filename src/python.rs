@@ -396,9 +396,8 @@ fn backward_t<'py, T: Wrap>(
     let any = guard
         .as_ref()
         .ok_or_else(|| value_err("backward was already run for this forward; run a training forward again".into()))?;
-    let typed = T::peek(any).ok_or_else(|| {
-        PyTypeError::new_err(format!("dy must have the dtype of the forward pass ({})", tape.dtype))
-    })?;
+    let typed = T::peek(any)
+        .ok_or_else(|| PyTypeError::new_err(format!("dy must have the dtype of the forward pass ({})", tape.dtype)))?;
     let layer = *typed.layer();
     let d = layer.dims;
     let nd = layer.directions;
