@@ -100,13 +100,15 @@ def test_length_semantics_explicit(cell):
             np.testing.assert_array_equal(a, b2)
 
 
+@pytest.mark.parametrize("batch", [37, 130, 193])
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("cell", CELLS)
-def test_forward_large_batch_threads(cell, dtype, two_threads):
-    """B = 37 > 16 so that the batch is cut into per-thread slices; mixed lengths, 2 layers, both
-    directions, time-major and batch-first."""
-    rng = np.random.default_rng(11)
-    batch, seq_len = 37, 9
+def test_forward_large_batch_threads(cell, dtype, batch, two_threads):
+    """Large batches with 2 threads: B = 37 (one time loop, threaded GEMMs) and B = 130 and 193 (the
+    batch is cut into 2 and 3 slices of at least 64 sequences, each with its own time loop, dealt
+    round-robin by length); mixed lengths, 2 layers, both directions, time-major and batch-first."""
+    rng = np.random.default_rng(batch)
+    seq_len = 6
     for batch_first in (True, False):
         layer = make_layer(cell, 5, 4, 2, bidirectional=True, batch_first=batch_first, dtype=dtype, seed=5)
         x = rng.standard_normal(seq_shape(batch_first, batch, seq_len, 5)).astype(dtype)

@@ -205,14 +205,16 @@ def test_dropout_statistics(cell):
     assert np.any(layer._masks[0] != mask)
 
 
+@pytest.mark.parametrize("batch", [37, 130])
 @pytest.mark.parametrize("batch_first", [True, False], ids=["batch_first", "time_major"])
 @pytest.mark.parametrize("cell", CELLS)
-def test_large_batch_gradients_are_sums_over_sequences(cell, batch_first, two_threads):
-    """B = 37 with mixed lengths (the batch is cut into per-thread slices and sorted by length): dx,
-    dstate0 and the parameter gradients equal those of each sequence run alone (the parameter
-    gradients summed over the sequences). The B = 1 path is checked against finite differences above."""
+def test_large_batch_gradients_are_sums_over_sequences(cell, batch_first, batch, two_threads):
+    """Large batches with mixed lengths (B = 130: cut into two slices with their own time loops,
+    sequences sorted by length): dx, dstate0 and the parameter gradients equal those of each sequence
+    run alone (the parameter gradients summed over the sequences). The B = 1 path is checked against
+    finite differences above."""
     rng = np.random.default_rng(10)
-    batch, seq_len, hidden = 37, 7, 4
+    seq_len, hidden = 7, 4
     layer = make_layer(
         cell, IN, hidden, 2, bidirectional=True, batch_first=batch_first, dtype=np.float64, seed=12
     )
@@ -253,3 +255,30 @@ def test_gradients_hidden_sizes_past_simd_width(cell, hidden, bidirectional):
     x = rng.standard_normal((2, 3, IN))
     state = random_state(rng, layer, 2)
     check_all_gradients(cell, layer, x, state, np.array([3, 2]), seed=14)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_backward_unaffected_by_changing_inputs_after_forward(cell):
+    """What backward needs is kept by forward: overwriting x or the initial state afterwards changes
+    nothing."""
+    rng = np.random.default_rng(15)
+    layer = make_layer(cell, IN, 4, 2, bidirectional=True, dtype=np.float64, seed=0)
+    x = rng.standard_normal((B, T, IN))
+    state = random_state(rng, layer, B)
+    dy = rng.standard_normal((B, T, 8))
+    layer(x, state=state, lengths=[T, 2, 1])
+    dx1, ds1 = layer.backward(dy)
+    g1 = {k: v.copy() for k, v in layer.grads.items()}
+    layer.zero_grad()
+    layer(x, state=state, lengths=[T, 2, 1])
+    x[...] = 7.0
+    for a in split_state(state):
+        if a is not None:
+            a[...] = -3.0
+    dx2, ds2 = layer.backward(dy)
+    np.testing.assert_array_equal(dx1, dx2)
+    for a, b in zip(split_state(ds1), split_state(ds2), strict=True):
+        if a is not None:
+            np.testing.assert_array_equal(a, b)
+    for k, v in layer.grads.items():
+        np.testing.assert_array_equal(v, g1[k], err_msg=k)
