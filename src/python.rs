@@ -281,7 +281,16 @@ fn forward_t<'py, T: Wrap>(
     if nd != 1 && nd != 2 {
         return Err(value_err(format!("weights must hold 1 or 2 directions; got {nd}")));
     }
-    let hidden = params[0][1].shape()[1];
+    let whh = params[0][1].shape();
+    let hidden = whh[0] / cell.gates();
+    if whh[0] % cell.gates() != 0 || whh[1] != hidden {
+        return Err(value_err(format!(
+            "weights[0].weight_hh must have shape ({g}*hidden_size, hidden_size) for {}; got {:?}",
+            cell.name(),
+            whh,
+            g = cell.gates()
+        )));
+    }
     let layer = layer_of(cell, xa.shape(), batch_first, hidden, nd);
     let h0a = opt::<T>(h0, "h0", 3)?;
     let c0a = opt::<T>(c0, "c0", 3)?;

@@ -1,0 +1,17 @@
+"""The kernel thread count."""
+
+from __future__ import annotations
+
+from rnnkit import _core
+from rnnkit._checks import positive_int
+
+
+def set_num_threads(n: int) -> None:
+    """Use ``n`` threads (at least 1) for the kernels from now on. The default is the number of
+    CPUs available, or the environment variable ``RNNKIT_NUM_THREADS``."""
+    _core.set_num_threads(positive_int(n, "n"))
+
+
+def get_num_threads() -> int:
+    """The number of threads the kernels use."""
+    return _core.get_num_threads()
