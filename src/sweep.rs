@@ -259,19 +259,6 @@ impl Plan {
     }
 }
 
-/// Multiply-adds below which a step's GEMM runs on one thread: waking the other threads for
-/// every step costs more than it saves (measured: LSTM, batch 8, H=256).
-const STEP_PAR_MACS: usize = 1 << 22;
-
-/// Threads for one step's `m x k` by `k x n` GEMM.
-fn step_threads(m: usize, n: usize, k: usize, threads: usize) -> usize {
-    if m * n * k >= STEP_PAR_MACS {
-        threads
-    } else {
-        1
-    }
-}
-
 /// The time index of step `s` of a sequence of length `len`.
 #[inline(always)]
 fn time_of(len: usize, s: usize, reverse: bool) -> usize {
@@ -512,7 +499,7 @@ impl<C: Cell, T: Float> Sweep<'_, C, T> {
                 false,
                 Mat::new(&ha, active, h, h),
                 Mat::new(self.w.w_hh, gh, h, h).t(),
-                step_threads(active, gh, h, gt),
+                gt,
             );
             dispatch(FwdStep {
                 sw: self,
@@ -819,7 +806,7 @@ impl<C: Cell, T: Float> Sweep<'_, C, T> {
                 true,
                 Mat::new(&dgh, active, gh, gh),
                 Mat::new(self.w.w_hh, gh, h, h),
-                step_threads(active, h, gh, gt),
+                gt,
             );
         }
         for (r, &b) in perm.iter().enumerate() {
