@@ -508,7 +508,7 @@ impl<C: Cell, T: Float> Sweep<'_, C, T> {
                 lens,
                 active,
                 xw,
-                hw: &hw,
+                hw: &mut hw,
                 ha: &ha,
                 ca: &ca,
                 hb: &mut hb,
@@ -529,7 +529,7 @@ struct FwdStep<'a, 'w, C, T> {
     lens: &'a [usize],
     active: usize,
     xw: &'a [T],
-    hw: &'a [T],
+    hw: &'a mut [T],
     ha: &'a [T],
     ca: &'a [T],
     hb: &'a mut [T],
@@ -546,9 +546,9 @@ impl<C: Cell, T: Float> Kernel for FwdStep<'_, '_, C, T> {
         let ch = if C::HAS_C { h } else { 0 };
         let sv = C::SAVED * h;
         let out = self.out;
-        let hb_rows = self.hb.chunks_exact_mut(h);
+        let rows = self.hb.chunks_exact_mut(h).zip(self.hw.chunks_exact_mut(gh));
         let mut cb_rows = self.cb.chunks_exact_mut(ch.max(1));
-        for (r, h_new) in hb_rows.enumerate().take(self.active) {
+        for (r, (h_new, hw)) in rows.enumerate().take(self.active) {
             let (b, len) = (self.perm[r], self.lens[r]);
             let xr = sw.layer.row(time_of(len, self.s, sw.reverse), b);
             let c_new: &mut [T] = if C::HAS_C {
@@ -568,7 +568,7 @@ impl<C: Cell, T: Float> Kernel for FwdStep<'_, '_, C, T> {
             sw.cell.forward(
                 Fwd {
                     xw: &self.xw[xr * gh..(xr + 1) * gh],
-                    hw: &self.hw[r * gh..(r + 1) * gh],
+                    hw,
                     b_ih: sw.w.b_ih,
                     b_hh: sw.w.b_hh,
                     h_prev,
@@ -1040,7 +1040,7 @@ struct StepRows<'a, C, T> {
     hidden: usize,
     ch: usize,
     xw: &'a [T],
-    hw: &'a [T],
+    hw: &'a mut [T],
     w: &'a Weights<'a, T>,
     h_prev: Option<&'a [T]>,
     c_prev: Option<&'a [T]>,
@@ -1056,7 +1056,8 @@ impl<C: Cell, T: Float> Kernel for StepRows<'_, C, T> {
         let (hd, ch) = (self.hidden, self.ch);
         let gh = C::GATES * hd;
         let mut c_rows = self.c_new.chunks_exact_mut(ch.max(1));
-        for (r, h) in self.h_new.chunks_exact_mut(hd).enumerate() {
+        let rows = self.h_new.chunks_exact_mut(hd).zip(self.hw.chunks_exact_mut(gh));
+        for (r, (h, hw)) in rows.enumerate() {
             let c: &mut [T] = if C::HAS_C {
                 c_rows.next().expect("c row")
             } else {
@@ -1065,7 +1066,7 @@ impl<C: Cell, T: Float> Kernel for StepRows<'_, C, T> {
             self.cell.forward(
                 Fwd {
                     xw: &self.xw[r * gh..(r + 1) * gh],
-                    hw: &self.hw[r * gh..(r + 1) * gh],
+                    hw,
                     b_ih: self.w.b_ih,
                     b_hh: self.w.b_hh,
                     h_prev: self.h_prev.map_or(self.zeros, |s| &s[r * hd..(r + 1) * hd]),

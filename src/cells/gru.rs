@@ -2,7 +2,7 @@
 //! `r = σ(W_ir x + b_ir + W_hr h + b_hr)`, `z = σ(W_iz x + b_iz + W_hz h + b_hz)`,
 //! `n = tanh(W_in x + b_in + r * (W_hn h + b_hn))`, `h' = (1 - z) * n + z * h`.
 
-use super::{blocks, gate_sums, Bwd, Cell, Fwd};
+use super::{add_pre, blocks, sigmoid_in_place, Bwd, Cell, Fwd};
 use crate::simd::Float;
 
 #[derive(Clone, Copy, Default)]
@@ -17,32 +17,32 @@ impl Cell for Gru {
     #[inline(always)]
     fn forward<T: Float>(self, r: Fwd<'_, T>, train: bool) {
         let n = r.h.len();
-        let [pr, pz, [xn, bin, hn_, bhn]] = gate_sums::<3, T>(&r, n);
-        let (h_prev, h) = (&r.h_prev[..n], &mut r.h[..n]);
-        let mut step = |j: usize| {
-            let rg = (pr[0][j] + pr[1][j] + (pr[2][j] + pr[3][j])).sigmoid();
-            let zg = (pz[0][j] + pz[1][j] + (pz[2][j] + pz[3][j])).sigmoid();
-            let hn = hn_[j] + bhn[j];
-            let ng = rg.mul_add(hn, xn[j] + bin[j]).tanh();
-            h[j] = zg.mul_add(h_prev[j] - ng, ng);
-            (rg, zg, ng, hn)
-        };
+        let (rz, hn) = r.hw[..3 * n].split_at_mut(2 * n);
+        add_pre(rz, &r.xw[..2 * n], &r.b_ih[..2 * n], &r.b_hh[..2 * n]);
+        sigmoid_in_place(rz);
+        for (v, &b) in hn.iter_mut().zip(&r.b_hh[2 * n..3 * n]) {
+            *v += b;
+        }
+        let (rg, zg) = rz.split_at(n);
+        let h = &mut r.h[..n];
+        // n, kept in h until the update below.
+        for ((((hj, &x), &b), &rj), &hnj) in h
+            .iter_mut()
+            .zip(&r.xw[2 * n..3 * n])
+            .zip(&r.b_ih[2 * n..3 * n])
+            .zip(rg)
+            .zip(hn.iter())
+        {
+            *hj = (rj * hnj + (x + b)).tanh();
+        }
         if train {
             let s = &mut r.saved[..4 * n];
-            let (sr, rest) = s.split_at_mut(n);
-            let (sz, rest) = rest.split_at_mut(n);
-            let (sn, shn) = rest.split_at_mut(n);
-            for j in 0..n {
-                let (rg, zg, ng, hn) = step(j);
-                sr[j] = rg;
-                sz[j] = zg;
-                sn[j] = ng;
-                shn[j] = hn;
-            }
-        } else {
-            for j in 0..n {
-                step(j);
-            }
+            s[..2 * n].copy_from_slice(rz);
+            s[2 * n..3 * n].copy_from_slice(h);
+            s[3 * n..].copy_from_slice(hn);
+        }
+        for ((hj, &hp), &z) in h.iter_mut().zip(&r.h_prev[..n]).zip(zg) {
+            *hj = z * (hp - *hj) + *hj;
         }
     }
 

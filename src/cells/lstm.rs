@@ -2,7 +2,7 @@
 //! `c' = f*c + i*g`, `h' = o*tanh(c')`, with i, f, o sigmoid and g tanh of
 //! `W_ih x + b_ih + W_hh h + b_hh`.
 
-use super::{blocks, gate_sums, Bwd, Cell, Fwd};
+use super::{add_pre, blocks, sigmoid_in_place, tanh_in_place, Bwd, Cell, Fwd};
 use crate::simd::Float;
 
 #[derive(Clone, Copy, Default)]
@@ -17,39 +17,25 @@ impl Cell for Lstm {
     #[inline(always)]
     fn forward<T: Float>(self, r: Fwd<'_, T>, train: bool) {
         let n = r.h.len();
-        let [pi, pf, pg, po] = gate_sums::<4, T>(&r, n);
-        let pre = |p: [&[T]; 4], j: usize| p[0][j] + p[1][j] + (p[2][j] + p[3][j]);
+        let hw = &mut r.hw[..4 * n];
+        add_pre(hw, &r.xw[..4 * n], &r.b_ih[..4 * n], &r.b_hh[..4 * n]);
+        let (ifg, o) = hw.split_at_mut(3 * n);
+        let (i_f, g) = ifg.split_at_mut(2 * n);
+        sigmoid_in_place(i_f);
+        tanh_in_place(g);
+        sigmoid_in_place(o);
+        let (i, f) = i_f.split_at(n);
         let (c_prev, c, h) = (&r.c_prev[..n], &mut r.c[..n], &mut r.h[..n]);
+        for ((((cj, &cp), &fj), &ij), &gj) in c.iter_mut().zip(c_prev).zip(f).zip(i).zip(g.iter()) {
+            *cj = fj * cp + ij * gj;
+        }
+        for ((hj, &cj), &oj) in h.iter_mut().zip(c.iter()).zip(o.iter()) {
+            *hj = oj * cj.tanh();
+        }
         if train {
-            let s = &mut r.saved[..5 * n];
-            let (gates, sc) = s.split_at_mut(4 * n);
-            let (si, rest) = gates.split_at_mut(n);
-            let (sf, rest) = rest.split_at_mut(n);
-            let (sg, so) = rest.split_at_mut(n);
-            for j in 0..n {
-                let i = pre(pi, j).sigmoid();
-                let f = pre(pf, j).sigmoid();
-                let g = pre(pg, j).tanh();
-                let o = pre(po, j).sigmoid();
-                let cj = f.mul_add(c_prev[j], i * g);
-                c[j] = cj;
-                h[j] = o * cj.tanh();
-                si[j] = i;
-                sf[j] = f;
-                sg[j] = g;
-                so[j] = o;
-                sc[j] = cj;
-            }
-        } else {
-            for j in 0..n {
-                let i = pre(pi, j).sigmoid();
-                let f = pre(pf, j).sigmoid();
-                let g = pre(pg, j).tanh();
-                let o = pre(po, j).sigmoid();
-                let cj = f.mul_add(c_prev[j], i * g);
-                c[j] = cj;
-                h[j] = o * cj.tanh();
-            }
+            let (gates, sc) = r.saved[..5 * n].split_at_mut(4 * n);
+            gates.copy_from_slice(hw);
+            sc.copy_from_slice(c);
         }
     }
 
@@ -57,33 +43,36 @@ impl Cell for Lstm {
     fn backward<T: Float>(self, r: Bwd<'_, T>) {
         let n = r.dh.len();
         let [si, sf, sg, so, sc] = blocks::<5, T>(r.saved, n);
-        let (dy, c_prev, dc) = (&r.dy[..n], &r.c_prev[..n], &mut r.dc[..n]);
+        let (dh, dc, c_prev) = (&mut r.dh[..n], &mut r.dc[..n], &r.c_prev[..n]);
         let (dxi, rest) = r.dgx[..4 * n].split_at_mut(n);
         let (dxf, rest) = rest.split_at_mut(n);
         let (dxg, dxo) = rest.split_at_mut(n);
-        let (dhi, rest) = r.dgh[..4 * n].split_at_mut(n);
-        let (dhf, rest) = rest.split_at_mut(n);
-        let (dhg, dho) = rest.split_at_mut(n);
-        let dh_in = &mut r.dh[..n];
-        for j in 0..n {
-            let (i, f, g, o) = (si[j], sf[j], sg[j], so[j]);
-            let dh = dy[j] + dh_in[j];
-            let tc = sc[j].tanh();
-            let dct = dc[j] + dh * o * (T::ONE - tc * tc);
-            let dai = dct * g * i * (T::ONE - i);
-            let daf = dct * c_prev[j] * f * (T::ONE - f);
-            let dag = dct * i * (T::ONE - g * g);
-            let dao = dh * tc * o * (T::ONE - o);
-            dc[j] = dct * f;
-            dh_in[j] = T::ZERO;
-            dxi[j] = dai;
-            dxf[j] = daf;
-            dxg[j] = dag;
-            dxo[j] = dao;
-            dhi[j] = dai;
-            dhf[j] = daf;
-            dhg[j] = dag;
-            dho[j] = dao;
+        for (d, &y) in dh.iter_mut().zip(&r.dy[..n]) {
+            *d = y + *d;
         }
+        // tanh(c_t), kept in the o block until it becomes dL/d(o's pre-activation).
+        for (t, &c) in dxo.iter_mut().zip(sc) {
+            *t = c.tanh();
+        }
+        for (((d, &h), &o), &t) in dc.iter_mut().zip(dh.iter()).zip(so).zip(dxo.iter()) {
+            *d += h * o * (T::ONE - t * t);
+        }
+        for ((t, &h), &o) in dxo.iter_mut().zip(dh.iter()).zip(so) {
+            *t = h * *t * o * (T::ONE - o);
+        }
+        for (((d, &c), &g), &i) in dxi.iter_mut().zip(dc.iter()).zip(sg).zip(si) {
+            *d = c * g * i * (T::ONE - i);
+        }
+        for (((d, &c), &cp), &f) in dxf.iter_mut().zip(dc.iter()).zip(c_prev).zip(sf) {
+            *d = c * cp * f * (T::ONE - f);
+        }
+        for (((d, &c), &i), &g) in dxg.iter_mut().zip(dc.iter()).zip(si).zip(sg) {
+            *d = c * i * (T::ONE - g * g);
+        }
+        for (d, &f) in dc.iter_mut().zip(sf) {
+            *d = *d * f;
+        }
+        dh.fill(T::ZERO);
+        r.dgh[..4 * n].copy_from_slice(&r.dgx[..4 * n]);
     }
 }

@@ -15,8 +15,8 @@ use crate::simd::Float;
 pub struct Fwd<'a, T> {
     /// `W_ih x_t` for this row (no bias), `GATES * H`.
     pub xw: &'a [T],
-    /// `W_hh h_{t-1}` for this row (no bias), `GATES * H`.
-    pub hw: &'a [T],
+    /// `W_hh h_{t-1}` for this row (no bias), `GATES * H`; scratch: the cell may overwrite it.
+    pub hw: &'a mut [T],
     pub b_ih: &'a [T],
     pub b_hh: &'a [T],
     pub h_prev: &'a [T],
@@ -140,14 +140,27 @@ pub(crate) fn blocks<const G: usize, T>(s: &[T], n: usize) -> [&[T]; G] {
     std::array::from_fn(|k| &s[k * n..(k + 1) * n])
 }
 
-/// The sum of the four pre-activation parts of gate block `k`: `xw + b_ih + (hw + b_hh)`.
+// The pointwise passes below are single loops over at most five slices, zipped: a shape LLVM
+// reliably turns into SIMD code (one long loop over many indexed slices is not).
+
+/// `hw[q] = xw[q] + b_ih[q] + (hw[q] + b_hh[q])`: the gates' pre-activations, in place.
 #[inline(always)]
-pub(crate) fn gate_sums<'a, const G: usize, T: Float>(r: &Fwd<'a, T>, n: usize) -> [[&'a [T]; 4]; G] {
-    let (x, bx, h, bh) = (
-        blocks::<G, T>(r.xw, n),
-        blocks::<G, T>(r.b_ih, n),
-        blocks::<G, T>(r.hw, n),
-        blocks::<G, T>(r.b_hh, n),
-    );
-    std::array::from_fn(|k| [x[k], bx[k], h[k], bh[k]])
+pub(crate) fn add_pre<T: Float>(hw: &mut [T], xw: &[T], b_ih: &[T], b_hh: &[T]) {
+    for (((h, &x), &bi), &bh) in hw.iter_mut().zip(xw).zip(b_ih).zip(b_hh) {
+        *h = x + bi + (*h + bh);
+    }
+}
+
+#[inline(always)]
+pub(crate) fn sigmoid_in_place<T: Float>(s: &mut [T]) {
+    for v in s {
+        *v = v.sigmoid();
+    }
+}
+
+#[inline(always)]
+pub(crate) fn tanh_in_place<T: Float>(s: &mut [T]) {
+    for v in s {
+        *v = v.tanh();
+    }
 }

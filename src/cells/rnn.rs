@@ -1,6 +1,6 @@
 //! Elman RNN: `h' = act(W_ih x + b_ih + W_hh h + b_hh)`, act = tanh or relu (PyTorch's nn.RNN).
 
-use super::{Bwd, Cell, Fwd};
+use super::{add_pre, Bwd, Cell, Fwd};
 use crate::simd::Float;
 use std::marker::PhantomData;
 
@@ -53,9 +53,10 @@ impl<A: Activation> Cell for Rnn<A> {
     #[inline(always)]
     fn forward<T: Float>(self, r: Fwd<'_, T>, train: bool) {
         let n = r.h.len();
-        let (xw, hw, bi, bh) = (&r.xw[..n], &r.hw[..n], &r.b_ih[..n], &r.b_hh[..n]);
-        for j in 0..n {
-            r.h[j] = A::f(xw[j] + bi[j] + (hw[j] + bh[j]));
+        let hw = &mut r.hw[..n];
+        add_pre(hw, &r.xw[..n], &r.b_ih[..n], &r.b_hh[..n]);
+        for (h, &a) in r.h.iter_mut().zip(hw.iter()) {
+            *h = A::f(a);
         }
         if train {
             r.saved[..n].copy_from_slice(r.h);
