@@ -259,6 +259,42 @@ impl Plan {
     }
 }
 
+/// A step's pointwise pass is split across the threads from this many gate values on (below,
+/// waking a thread costs more than it saves).
+const PAR_POINTWISE: usize = 1 << 14;
+
+/// Row boundaries `[0, .., active]` of the parts a step's pointwise pass is split into: one part
+/// per thread when the step is large, else one part. Rows are independent, so the split does
+/// not change the results.
+fn row_parts(active: usize, gh: usize, threads: usize) -> Vec<usize> {
+    let parts = if active * gh >= PAR_POINTWISE {
+        threads.min(active).max(1)
+    } else {
+        1
+    };
+    (0..=parts).map(|p| p * active / parts).collect()
+}
+
+/// The row blocks of `buf` (rows of `width`) between consecutive `bounds`.
+fn row_chunks<'a, T>(mut buf: &'a mut [T], width: usize, bounds: &[usize]) -> impl Iterator<Item = &'a mut [T]> {
+    let mut out = Vec::with_capacity(bounds.len());
+    for w in bounds.windows(2) {
+        let (head, tail) = std::mem::take(&mut buf).split_at_mut((w[1] - w[0]) * width);
+        out.push(head);
+        buf = tail;
+    }
+    out.into_iter()
+}
+
+/// Run `f` on every item, on the pool's threads when there is more than one.
+fn for_each_part<I: Send>(items: Vec<I>, f: impl Fn(I) + Sync + Send) {
+    if items.len() == 1 {
+        items.into_iter().for_each(f);
+    } else {
+        items.into_par_iter().for_each(f);
+    }
+}
+
 /// The time index of step `s` of a sequence of length `len`.
 #[inline(always)]
 fn time_of(len: usize, s: usize, reverse: bool) -> usize {
@@ -501,19 +537,26 @@ impl<C: Cell, T: Float> Sweep<'_, C, T> {
                 Mat::new(self.w.w_hh, gh, h, h).t(),
                 gt,
             );
-            dispatch(FwdStep {
-                sw: self,
-                s,
-                perm,
-                lens,
-                active,
-                xw,
-                hw: &mut hw,
-                ha: &ha,
-                ca: &ca,
-                hb: &mut hb,
-                cb: &mut cb,
-                out,
+            let parts = row_parts(active, gh, gt);
+            let chunks = row_chunks(&mut hb, h, &parts)
+                .zip(row_chunks(&mut cb, ch, &parts))
+                .zip(row_chunks(&mut hw, gh, &parts));
+            for_each_part(chunks.zip(parts.windows(2)).collect(), |(((hb, cb), hw), w)| {
+                let (r0, r1) = (w[0], w[1]);
+                dispatch(FwdStep {
+                    sw: self,
+                    s,
+                    perm: &perm[r0..r1],
+                    lens: &lens[r0..r1],
+                    active: r1 - r0,
+                    xw,
+                    hw,
+                    ha: &ha[r0 * h..r1 * h],
+                    ca: &ca[r0 * ch..r1 * ch],
+                    hb,
+                    cb,
+                    out,
+                })
             });
             std::mem::swap(&mut ha, &mut hb);
             std::mem::swap(&mut ca, &mut cb);
@@ -788,18 +831,25 @@ impl<C: Cell, T: Float> Sweep<'_, C, T> {
             while active < n && lens[active] > s {
                 active += 1;
             }
-            dispatch(BwdStep {
-                sw: self,
-                s,
-                perm,
-                lens,
-                active,
-                inp,
-                zeros: &zeros,
-                dh: &mut dh,
-                dc: &mut dc,
-                dgh: &mut dgh,
-                out,
+            let parts = row_parts(active, gh, gt);
+            let chunks = row_chunks(&mut dh, h, &parts)
+                .zip(row_chunks(&mut dc, ch, &parts))
+                .zip(row_chunks(&mut dgh, gh, &parts));
+            for_each_part(chunks.zip(parts.windows(2)).collect(), |(((dh, dc), dgh), w)| {
+                let (r0, r1) = (w[0], w[1]);
+                dispatch(BwdStep {
+                    sw: self,
+                    s,
+                    perm: &perm[r0..r1],
+                    lens: &lens[r0..r1],
+                    active: r1 - r0,
+                    inp,
+                    zeros: &zeros,
+                    dh,
+                    dc,
+                    dgh,
+                    out,
+                })
             });
             matmul(
                 MatMut::new(&mut dh, active, h, h),

@@ -60,18 +60,19 @@ def test_float32_close_to_float64(cell, batch, hidden):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("batch", [1, 8, 40, 130, 200])
+@pytest.mark.parametrize(("batch", "hidden"), [(1, 32), (8, 32), (40, 32), (130, 32), (200, 32), (64, 256)])
 @pytest.mark.parametrize("cell", CELLS)
-def test_one_thread_equals_two_threads(cell, batch, dtype, num_threads):
+def test_one_thread_equals_two_threads(cell, batch, hidden, dtype, num_threads):
     """Forward and backward give bitwise the same results with 1 and 2 kernel threads, with and
     without lengths, including batches large enough (130, 200) to be cut into slices that run their
     own time loops. (The GEMM crate's rounding depends on a product's row count, see
     test_batch_composition_rounding_is_ulp_level, so this needs the slicing to depend on the batch
-    alone, never on the thread count.)
+    alone, never on the thread count.) At (64, 256) each step's pointwise pass is large enough to be
+    split across the threads.
     """
     rng = np.random.default_rng(batch)
     for batch_first in (True, False):
-        layer, x, state, lengths, dy, dstate = problem(cell, batch, 12, 8, 32, batch_first, rng, dtype)
+        layer, x, state, lengths, dy, dstate = problem(cell, batch, 12, 8, hidden, batch_first, rng, dtype)
         for lens in (lengths, None):
             num_threads(1)
             assert rnnkit.get_num_threads() == 1
