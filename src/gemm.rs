@@ -1,4 +1,8 @@
-//! The only doorway to the GEMM crate: strided matrix views and `dst (+)= a * b`.
+//! The only doorway to the GEMM crates: strided matrix views and `dst (+)= a * b`.
+//!
+//! Two crates, each where it was measured faster on the shapes an RNN uses (see the README):
+//! `faer` for products of a few rows (one time step of a small batch), `gemm` for the rest (the
+//! all-steps input projection, the weight gradients, large batches).
 
 use crate::simd::Float;
 
@@ -85,6 +89,49 @@ impl<T> MatMut<T> {
     }
 }
 
+/// Products with at most this many rows go to faer (single-threaded: it is at its best there,
+/// and at batch 1 the two crates tie).
+const FAER_MAX_ROWS: usize = 32;
+
+/// `dst (+)= a * b` by faer for f32 and f64 (returns false for any other type).
+fn faer_matmul<T: Float>(dst: &MatMut<T>, accumulate: bool, a: &Mat<T>, b: &Mat<T>) -> bool {
+    use std::any::TypeId;
+    // SAFETY: T is the type it is compared with, so the casts are identities; the views' bounds
+    // were checked when they were built.
+    unsafe {
+        if TypeId::of::<T>() == TypeId::of::<f32>() {
+            faer_impl::<f32, T>(dst.ptr.cast(), dst.rs, dst.cs, accumulate, a, b, 1.0);
+        } else if TypeId::of::<T>() == TypeId::of::<f64>() {
+            faer_impl::<f64, T>(dst.ptr.cast(), dst.rs, dst.cs, accumulate, a, b, 1.0);
+        } else {
+            return false;
+        }
+    }
+    true
+}
+
+/// # Safety
+/// `F` must be the element type behind the views, which must be in bounds.
+unsafe fn faer_impl<F: faer::traits::ComplexField, T>(
+    dst: *mut F,
+    rs: isize,
+    cs: isize,
+    accumulate: bool,
+    a: &Mat<T>,
+    b: &Mat<T>,
+    one: F,
+) {
+    let d = faer::MatMut::<F>::from_raw_parts_mut(dst, a.rows, b.cols, rs, cs);
+    let l = faer::MatRef::<F>::from_raw_parts(a.ptr.cast(), a.rows, a.cols, a.rs, a.cs);
+    let r = faer::MatRef::<F>::from_raw_parts(b.ptr.cast(), b.rows, b.cols, b.rs, b.cs);
+    let acc = if accumulate {
+        faer::Accum::Add
+    } else {
+        faer::Accum::Replace
+    };
+    faer::linalg::matmul::matmul(d, acc, l, r, one, faer::Par::Seq);
+}
+
 /// `dst = a * b` (or `dst += a * b` when `accumulate`), on up to `threads` threads of the
 /// current rayon pool (1: the calling thread only).
 pub fn matmul<T: Float>(dst: MatMut<T>, accumulate: bool, a: Mat<T>, b: Mat<T>, threads: usize) {
@@ -104,6 +151,9 @@ pub fn matmul<T: Float>(dst: MatMut<T>, accumulate: bool, a: Mat<T>, b: Mat<T>, 
                 }
             }
         }
+        return;
+    }
+    if (2..=FAER_MAX_ROWS).contains(&dst.rows) && faer_matmul(&dst, accumulate, &a, &b) {
         return;
     }
     let par = if threads > 1 {

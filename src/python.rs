@@ -103,13 +103,19 @@ type Borrowed<'py, T> = Vec<[PyReadonlyArrayDyn<'py, T>; 4]>;
 
 const PARAM_NAMES: [&str; 4] = ["weight_ih", "weight_hh", "bias_ih", "bias_hh"];
 
-fn borrow_params<'py, T: Element>(list: &Bound<'py, PyAny>, name: &str) -> PyResult<Borrowed<'py, T>> {
-    let list = list.cast::<PyList>().map_err(|_| {
+/// The 4-tuples `(weight_ih, weight_hh, bias_ih, bias_hh)` of the list `obj` (argument `name`),
+/// each array passed through `borrow(array, "name[d].param", ndim)`.
+fn param_tuples<'py, B>(
+    obj: &Bound<'py, PyAny>,
+    name: &str,
+    borrow: impl Fn(&Bound<'py, PyAny>, &dyn Fn() -> String, usize) -> PyResult<B>,
+) -> PyResult<Vec<[B; 4]>> {
+    let list = obj.cast::<PyList>().map_err(|_| {
         PyTypeError::new_err(format!(
-            "{name} must be a list of 4-tuples of arrays, one per direction"
+            "{name} must be a list of 4-tuples (weight_ih, weight_hh, bias_ih, bias_hh) of arrays"
         ))
     })?;
-    let mut out = Vec::new();
+    let mut out = Vec::with_capacity(list.len());
     for (d, item) in list.iter().enumerate() {
         let t = item.cast::<PyTuple>().map_err(|_| {
             PyTypeError::new_err(format!(
@@ -121,15 +127,19 @@ fn borrow_params<'py, T: Element>(list: &Bound<'py, PyAny>, name: &str) -> PyRes
         }
         let mut arrs = Vec::with_capacity(4);
         for (k, pname) in PARAM_NAMES.iter().enumerate() {
-            arrs.push(readonly::<T>(
+            arrs.push(borrow(
                 &t.get_item(k)?,
-                &format!("{name}[{d}].{pname}"),
+                &|| format!("{name}[{d}].{pname}"),
                 if k < 2 { 2 } else { 1 },
             )?);
         }
         out.push(arrs.try_into().map_err(|_| value_err("unreachable".into()))?);
     }
     Ok(out)
+}
+
+fn borrow_params<'py, T: Element>(list: &Bound<'py, PyAny>, name: &str) -> PyResult<Borrowed<'py, T>> {
+    param_tuples(list, name, |a, n, nd| readonly::<T>(a, &n(), nd))
 }
 
 fn weights_of<'a, T: Element>(b: &'a Borrowed<'_, T>) -> Vec<Weights<'a, T>> {
@@ -375,27 +385,7 @@ fn backward_t<'py, T: Wrap>(
     let dya = readonly::<T>(dy, "dy", 3)?;
     let dhna = opt::<T>(dhn, "dhn", 3)?;
     let dcna = opt::<T>(dcn, "dcn", 3)?;
-    let glist = grads
-        .cast::<PyList>()
-        .map_err(|_| PyTypeError::new_err("grads must be a list of 4-tuples of arrays, one per direction"))?;
-    let mut gbufs = Vec::new();
-    for (d, item) in glist.iter().enumerate() {
-        let t = item
-            .cast::<PyTuple>()
-            .map_err(|_| PyTypeError::new_err(format!("grads[{d}] must be a tuple of 4 arrays")))?;
-        if t.len() != 4 {
-            return Err(value_err(format!("grads[{d}] must have 4 arrays; got {}", t.len())));
-        }
-        let mut arrs = Vec::with_capacity(4);
-        for (k, pname) in PARAM_NAMES.iter().enumerate() {
-            arrs.push(readwrite::<T>(
-                &t.get_item(k)?,
-                &format!("grads[{d}].{pname}"),
-                if k < 2 { 2 } else { 1 },
-            )?);
-        }
-        gbufs.push(arrs);
-    }
+    let mut gbufs = param_tuples(grads, "grads", |a, n, nd| readwrite::<T>(a, &n(), nd))?;
     // The tape is used up only when backward succeeds, so that a rejected call can be retried.
     // try_lock: a second thread must not wait for the lock while holding the GIL.
     let mut guard = tape
@@ -455,9 +445,7 @@ fn backward_t<'py, T: Wrap>(
         let mut gs: Vec<Grads<'_, T>> = gbufs
             .iter_mut()
             .map(|arrs| {
-                let [a, b, c, e] = arrs.as_mut_slice() else {
-                    unreachable!("4 arrays were checked")
-                };
+                let [a, b, c, e] = arrs;
                 Grads {
                     w_ih: a.as_slice_mut().expect("checked"),
                     w_hh: b.as_slice_mut().expect("checked"),
@@ -503,19 +491,23 @@ fn backward<'py>(
 /// Borrow `obj` as a contiguous slice of `T` without NumPy's dynamic borrow tracking (which costs
 /// more than a small step itself). Sound because the GIL stays held while the slice is used and
 /// the slices are only read; on any mismatch the checked path produces the error message.
-fn fast_slice<'a, T: Element>(obj: &'a Bound<'_, PyAny>, name: &str, ndim: usize) -> PyResult<(&'a [T], &'a [usize])> {
+fn fast_slice<'a, T: Element>(
+    obj: &'a Bound<'_, PyAny>,
+    name: impl Fn() -> String,
+    ndim: usize,
+) -> PyResult<(&'a [T], &'a [usize])> {
     if let Ok(a) = obj.cast::<PyArrayDyn<T>>() {
         if a.ndim() == ndim && a.is_c_contiguous() {
             // SAFETY: see above; the array outlives 'a through `obj`.
-            let s = unsafe { a.as_slice() }.map_err(|e| value_err(format!("{name}: {e}")))?;
+            let s = unsafe { a.as_slice() }.map_err(|e| value_err(format!("{}: {e}", name())))?;
             let shape = a.shape();
             // SAFETY: the shape slice lives as long as the array object.
             let shape = unsafe { std::slice::from_raw_parts(shape.as_ptr(), shape.len()) };
             return Ok((s, shape));
         }
     }
-    readonly::<T>(obj, name, ndim)?;
-    Err(value_err(format!("{name} could not be read")))
+    readonly::<T>(obj, &name(), ndim)?;
+    Err(value_err(format!("{} could not be read", name())))
 }
 
 fn step_t<'py, T: Wrap>(
@@ -526,44 +518,32 @@ fn step_t<'py, T: Wrap>(
     h: Option<&Bound<'py, PyAny>>,
     c: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<StepOut<'py>> {
-    let (xs, xshape) = fast_slice::<T>(x, "x", 2)?;
-    let list = weights
-        .cast::<PyList>()
-        .map_err(|_| PyTypeError::new_err("weights must be a list of 4-tuples of arrays, one per layer"))?;
-    let items: Vec<Bound<'py, PyAny>> = list.iter().collect();
-    let mut tuples = Vec::with_capacity(items.len());
-    for (k, item) in items.iter().enumerate() {
-        let t = item.cast::<PyTuple>().map_err(|_| {
-            PyTypeError::new_err(format!(
-                "weights[{k}] must be a tuple (weight_ih, weight_hh, bias_ih, bias_hh)"
-            ))
-        })?;
-        if t.len() != 4 {
-            return Err(value_err(format!("weights[{k}] must have 4 arrays; got {}", t.len())));
-        }
-        tuples.push([t.get_item(0)?, t.get_item(1)?, t.get_item(2)?, t.get_item(3)?]);
-    }
+    let (xs, xshape) = fast_slice::<T>(x, || "x".into(), 2)?;
+    let tuples = param_tuples(weights, "weights", |a, _, nd| Ok((a.clone(), nd)))?;
     let mut ws = Vec::with_capacity(tuples.len());
     let mut hidden = 0;
-    for (k, [a, b, c_, d]) in tuples.iter().enumerate() {
-        let (w_hh, shape) = fast_slice::<T>(b, &format!("weights[{k}].weight_hh"), 2)?;
-        hidden = shape[1];
+    for (k, arrs) in tuples.iter().enumerate() {
+        let mut views = Vec::with_capacity(4);
+        for ((a, nd), pname) in arrs.iter().zip(PARAM_NAMES) {
+            views.push(fast_slice::<T>(a, || format!("weights[{k}].{pname}"), *nd)?);
+        }
+        hidden = views[1].1[1];
         ws.push(Weights {
-            w_ih: fast_slice::<T>(a, &format!("weights[{k}].weight_ih"), 2)?.0,
-            w_hh,
-            b_ih: fast_slice::<T>(c_, &format!("weights[{k}].bias_ih"), 1)?.0,
-            b_hh: fast_slice::<T>(d, &format!("weights[{k}].bias_hh"), 1)?.0,
+            w_ih: views[0].0,
+            w_hh: views[1].0,
+            b_ih: views[2].0,
+            b_hh: views[3].0,
         });
     }
     if ws.is_empty() {
         return Err(value_err("weights must hold at least one layer".into()));
     }
     let hs = match h.filter(|o| !o.is_none()) {
-        Some(o) => Some(fast_slice::<T>(o, "h", 3)?.0),
+        Some(o) => Some(fast_slice::<T>(o, || "h".into(), 3)?.0),
         None => None,
     };
     let cs = match c.filter(|o| !o.is_none()) {
-        Some(o) => Some(fast_slice::<T>(o, "c", 3)?.0),
+        Some(o) => Some(fast_slice::<T>(o, || "c".into(), 3)?.0),
         None => None,
     };
     let (batch, nl) = (xshape[0], ws.len());

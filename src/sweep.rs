@@ -263,35 +263,38 @@ impl Plan {
 /// waking a thread costs more than it saves).
 const PAR_POINTWISE: usize = 1 << 14;
 
-/// Row boundaries `[0, .., active]` of the parts a step's pointwise pass is split into: one part
-/// per thread when the step is large, else one part. Rows are independent, so the split does
-/// not change the results.
-fn row_parts(active: usize, gh: usize, threads: usize) -> Vec<usize> {
+/// Run a step's pointwise pass `f(r0, r1, row blocks)` over the active rows: in one part, or,
+/// when the step is large, in one part per thread. `bufs` are per-row buffers (buffer, row
+/// width), handed to each part as its own rows. Rows are independent, so the split does not
+/// change the results.
+fn split_rows<T: Send, const N: usize>(
+    active: usize,
+    gh: usize,
+    threads: usize,
+    bufs: [(&mut [T], usize); N],
+    f: impl Fn(usize, usize, [&mut [T]; N]) + Sync,
+) {
     let parts = if active * gh >= PAR_POINTWISE {
         threads.min(active).max(1)
     } else {
         1
     };
-    (0..=parts).map(|p| p * active / parts).collect()
-}
-
-/// The row blocks of `buf` (rows of `width`) between consecutive `bounds`.
-fn row_chunks<'a, T>(mut buf: &'a mut [T], width: usize, bounds: &[usize]) -> impl Iterator<Item = &'a mut [T]> {
-    let mut out = Vec::with_capacity(bounds.len());
-    for w in bounds.windows(2) {
-        let (head, tail) = std::mem::take(&mut buf).split_at_mut((w[1] - w[0]) * width);
-        out.push(head);
-        buf = tail;
+    let mut rest = bufs.map(|(b, w)| (&mut b[..active * w], w));
+    let mut jobs = Vec::with_capacity(parts);
+    for p in 0..parts {
+        let (r0, r1) = (p * active / parts, (p + 1) * active / parts);
+        let blocks = std::array::from_fn(|k| {
+            let (buf, w) = &mut rest[k];
+            let (head, tail) = std::mem::take(buf).split_at_mut((r1 - r0) * *w);
+            *buf = tail;
+            head
+        });
+        jobs.push((r0, r1, blocks));
     }
-    out.into_iter()
-}
-
-/// Run `f` on every item, on the pool's threads when there is more than one.
-fn for_each_part<I: Send>(items: Vec<I>, f: impl Fn(I) + Sync + Send) {
-    if items.len() == 1 {
-        items.into_iter().for_each(f);
+    if parts == 1 {
+        jobs.into_iter().for_each(|(r0, r1, b)| f(r0, r1, b));
     } else {
-        items.into_par_iter().for_each(f);
+        jobs.into_par_iter().for_each(|(r0, r1, b)| f(r0, r1, b));
     }
 }
 
@@ -537,27 +540,28 @@ impl<C: Cell, T: Float> Sweep<'_, C, T> {
                 Mat::new(self.w.w_hh, gh, h, h).t(),
                 gt,
             );
-            let parts = row_parts(active, gh, gt);
-            let chunks = row_chunks(&mut hb, h, &parts)
-                .zip(row_chunks(&mut cb, ch, &parts))
-                .zip(row_chunks(&mut hw, gh, &parts));
-            for_each_part(chunks.zip(parts.windows(2)).collect(), |(((hb, cb), hw), w)| {
-                let (r0, r1) = (w[0], w[1]);
-                dispatch(FwdStep {
-                    sw: self,
-                    s,
-                    perm: &perm[r0..r1],
-                    lens: &lens[r0..r1],
-                    active: r1 - r0,
-                    xw,
-                    hw,
-                    ha: &ha[r0 * h..r1 * h],
-                    ca: &ca[r0 * ch..r1 * ch],
-                    hb,
-                    cb,
-                    out,
-                })
-            });
+            split_rows(
+                active,
+                gh,
+                gt,
+                [(&mut hb, h), (&mut cb, ch), (&mut hw, gh)],
+                |r0, r1, [hb, cb, hw]| {
+                    dispatch(FwdStep {
+                        sw: self,
+                        s,
+                        perm: &perm[r0..r1],
+                        lens: &lens[r0..r1],
+                        active: r1 - r0,
+                        xw,
+                        hw,
+                        ha: &ha[r0 * h..r1 * h],
+                        ca: &ca[r0 * ch..r1 * ch],
+                        hb,
+                        cb,
+                        out,
+                    })
+                },
+            );
             std::mem::swap(&mut ha, &mut hb);
             std::mem::swap(&mut ca, &mut cb);
         }
@@ -831,26 +835,27 @@ impl<C: Cell, T: Float> Sweep<'_, C, T> {
             while active < n && lens[active] > s {
                 active += 1;
             }
-            let parts = row_parts(active, gh, gt);
-            let chunks = row_chunks(&mut dh, h, &parts)
-                .zip(row_chunks(&mut dc, ch, &parts))
-                .zip(row_chunks(&mut dgh, gh, &parts));
-            for_each_part(chunks.zip(parts.windows(2)).collect(), |(((dh, dc), dgh), w)| {
-                let (r0, r1) = (w[0], w[1]);
-                dispatch(BwdStep {
-                    sw: self,
-                    s,
-                    perm: &perm[r0..r1],
-                    lens: &lens[r0..r1],
-                    active: r1 - r0,
-                    inp,
-                    zeros: &zeros,
-                    dh,
-                    dc,
-                    dgh,
-                    out,
-                })
-            });
+            split_rows(
+                active,
+                gh,
+                gt,
+                [(&mut dh, h), (&mut dc, ch), (&mut dgh, gh)],
+                |r0, r1, [dh, dc, dgh]| {
+                    dispatch(BwdStep {
+                        sw: self,
+                        s,
+                        perm: &perm[r0..r1],
+                        lens: &lens[r0..r1],
+                        active: r1 - r0,
+                        inp,
+                        zeros: &zeros,
+                        dh,
+                        dc,
+                        dgh,
+                        out,
+                    })
+                },
+            );
             matmul(
                 MatMut::new(&mut dh, active, h, h),
                 true,

@@ -244,3 +244,18 @@ def test_step_matches_forward(cell, dtype):
             np.testing.assert_allclose(a, b, **TOL[dtype])
     with pytest.raises(ValueError, match="bidirectional"):
         make_layer(cell, IN, H, bidirectional=True).step(x[:, 0])
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_step_sees_replaced_and_updated_parameters(cell):
+    """step caches its view of the parameters; an array replaced in layer.params, or updated in
+    place (as optimizers and load_state_dict do), is used by the next step."""
+    rng = np.random.default_rng(5)
+    layer = make_layer(cell, IN, H, 1, dtype=np.float64, seed=1).eval()
+    x = rng.standard_normal((B, 1, IN))
+    layer.step(x[:, 0])  # fills the cache
+    layer.params["weight_ih_l0"] = rng.standard_normal(layer.params["weight_ih_l0"].shape)
+    layer.params["weight_hh_l0"] *= 0.5
+    y, _ = layer(x)
+    yt, _ = layer.step(x[:, 0])
+    np.testing.assert_allclose(yt, y[:, 0], rtol=1e-12, atol=1e-12)

@@ -70,6 +70,8 @@ class _Recurrent:
         self.grads: dict[str, Array] = {k: np.zeros_like(v) for k, v in self.params.items()}
         self._zero_bias = np.zeros(gh, dtype=self.dtype)
         self._tapes: list[Any] | None = None
+        self._step_key: tuple[int, ...] = ()
+        self._step_weights: list[tuple[Array, Array, Array, Array]] = []
         self._masks: list[Array | None] = []
         self._in_shape: tuple[int, ...] = ()
 
@@ -194,9 +196,12 @@ class _Recurrent:
             h, c = state
         else:
             h, c = state, None
-        weights = [self._weights(k)[0] for k in range(self.num_layers)]
+        key = tuple(map(id, self.params.values()))  # the cache holds the arrays: ids stay unique
+        if key != self._step_key:
+            self._step_weights = [self._weights(k)[0] for k in range(self.num_layers)]
+            self._step_key = key
         try:
-            h_new, c_new = _core.step(self._cell, x, weights, h, c)
+            h_new, c_new = _core.step(self._cell, x, self._step_weights, h, c)
         except (TypeError, ValueError):
             if state is not None:  # say what was wrong with the state in the layer's own terms
                 self._check_state(state, x.shape[0], "state")
