@@ -56,6 +56,8 @@ MODES = ("inference", "training")
 SIDES = ("rnnkit", "torch", "ort")
 SEED = 1234
 PEAK_N = 2048
+# A row timed while other processes kept more cores than this busy is flagged as noisy.
+BUSY = 0.2
 # Agreement with PyTorch: max |a - b| / max(1, max |b|), per output.
 TOLERANCE = {"inference": 1e-4, "training": 1e-3}
 
@@ -235,6 +237,26 @@ def blas_info() -> list[dict[str, Any]]:
     return [{k: i.get(k) for k in keep} for i in threadpool_info() if i.get("user_api") == "blas"]
 
 
+def cpu_seconds() -> tuple[float, float]:
+    """(CPU seconds the whole machine has been busy, CPU seconds of this process and its children)."""
+    busy = math.nan
+    with contextlib.suppress(OSError, ValueError):
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        busy = (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # less idle, iowait
+    t = os.times()
+    return busy, t.user + t.system + t.children_user + t.children_system
+
+
+@contextlib.contextmanager
+def other_load() -> Iterator[list[float]]:
+    """Yields a list that receives, on exit, how many cores other processes kept busy meanwhile."""
+    out: list[float] = []
+    start, (busy0, ours0) = time.perf_counter(), cpu_seconds()
+    yield out
+    busy1, ours1 = cpu_seconds()
+    out.append(max(0.0, (busy1 - busy0) - (ours1 - ours0)) / max(time.perf_counter() - start, 1e-9))
+
+
 def machine() -> dict[str, Any]:
     return {
         "cpu": cpu_model(),
@@ -287,6 +309,11 @@ def measure_peak(threads: int, repeats: int) -> dict[str, Any]:
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True, timeout=600)
     result: dict[str, Any] = json.loads(done.stdout)
     return result
+
+
+def peak_kernel(peak: dict[str, Any]) -> str:
+    """Which BLAS kernel the peak measurement ran, e.g. "openblas Haswell"."""
+    return ", ".join(f"{b.get('internal_api')} {b.get('architecture')}" for b in peak["blas"]) or "unknown"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -523,6 +550,7 @@ class Row:
     times: dict[str, Stats] = field(default_factory=dict)  # side -> stats
     errors: dict[str, float] = field(default_factory=dict)  # side -> worst disagreement with torch
     notes: list[str] = field(default_factory=list)
+    other_cores: float = 0.0  # cores other processes kept busy while this row was timed
 
     def gflops(self, side: str = "rnnkit") -> float | None:
         s = self.times.get(side)
@@ -546,6 +574,7 @@ class Row:
             "ratio_torch": self.ratio("torch"),
             "ratio_ort": self.ratio("ort"),
             "max_rel_error_vs_torch": self.errors,
+            "other_processes_cores_busy": self.other_cores,
             "notes": self.notes,
         }
 
@@ -623,7 +652,11 @@ def run_case(case: Case, peers: Peers, timing: Timing, workdir: Path) -> Row:
             del runners[side]
 
     per = 1.0 / case.seq if case.streaming else 1.0
-    row.times = {side: stats.scaled(per) for side, stats in measure(runners, timing).items()}
+    with other_load() as load:
+        row.times = {side: stats.scaled(per) for side, stats in measure(runners, timing).items()}
+    row.other_cores = load[0]
+    if row.other_cores > BUSY:
+        row.notes.append(f"machine busy: other processes used {row.other_cores:.1f} cores")
     return row
 
 
@@ -689,11 +722,12 @@ def markdown(result: dict[str, Any], rows: Sequence[Row], peaks: dict[int, dict[
         f"{QUICK_WARNING if result['settings']['quick'] else ''}"
         "Times: median (min) of the repeats; ratios: peer median / rnnkit median (> 1: rnnkit faster). "
         f"Run took {result['seconds']:.0f} s; load average (1 min) {m['load_average_at_start'][0]:.2f} "
-        f"at start, {m['load_average_at_end'][0]:.2f} at end.",
+        f"at start, {m['load_average_at_end'][0]:.2f} at end; other processes kept "
+        f"{m['other_processes_cores_busy']:.2f} cores busy on average.",
         "",
     ]
     for t, p in sorted(peaks.items()):
-        kernel = ", ".join(f"{b.get('internal_api')} {b.get('architecture')}" for b in p["blas"]) or "unknown"
+        kernel = peak_kernel(p)
         lines.append(
             f"Practical peak, {t} thread(s): numpy float32 matmul n={p['n']}: "
             f"{p['gflops_median']:.1f} GFLOP/s median, {p['gflops_max']:.1f} best (kernel: {kernel})."
@@ -724,7 +758,7 @@ def markdown(result: dict[str, Any], rows: Sequence[Row], peaks: dict[int, dict[
         if body:
             lines += ["", f"## {title}", "", *md_table(headers, body)]
     lengths = [
-        [r.case.label, speedup(r, g, "rnnkit"), speedup(r, g, "torch")]
+        [r.case.label, speedup(g, r, "rnnkit"), speedup(g, r, "torch")]
         for r in rows
         if r.case.var_lengths and (g := twin(rows, r.case, section="grid")) is not None
     ]
@@ -742,7 +776,7 @@ def markdown(result: dict[str, Any], rows: Sequence[Row], peaks: dict[int, dict[
     return "\n".join(lines) + "\n"
 
 
-def chart(rows: Sequence[Row], path: Path) -> str | None:
+def chart(rows: Sequence[Row], path: Path, title: str) -> str | None:
     """A bar chart of the peer/rnnkit ratios; returns why not, if it cannot be drawn."""
     try:
         import matplotlib
@@ -765,6 +799,7 @@ def chart(rows: Sequence[Row], path: Path) -> str | None:
     ax.invert_yaxis()
     ax.set_xlabel("speed-up of rnnkit (> 1: rnnkit faster; log scale)")
     ax.legend(loc="lower right")
+    ax.set_title(title, fontsize=9)
     ax.grid(axis="x", which="both", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -792,6 +827,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+def run_all(cases: Sequence[Case], peers: Peers, timing: Timing) -> list[Row]:
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory(prefix="rnnkit-bench-") as tmp:
+        for i, case in enumerate(cases, 1):
+            row = run_case(case, peers, timing, Path(tmp))
+            rows.append(row)
+            cols = "  ".join(f"{side} {fmt_time(st.median)}" for side, st in row.times.items())
+            extra = f"  [{'; '.join(row.notes)}]" if row.notes else ""
+            print(f"[{i}/{len(cases)}] {case.label}: {cols}{extra}", flush=True)
+    return rows
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     start = time.perf_counter()
@@ -799,29 +846,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     peers = Peers.load()
     cases = build_cases(args.cells, args.threads, timing.seq_len)
     info = machine()
-    print(
-        f"{info['cpu']}, {info['cores_available']} cores, rnnkit SIMD {info['rnnkit_simd']}, "
-        f"{args.threads} threads",
-        flush=True,
-    )
+    simd = info["rnnkit_simd"]
+    cores = info["cores_available"]
+    print(f"{info['cpu']}, {cores} cores, rnnkit SIMD {simd}, {args.threads} threads", flush=True)
     for n in peers.notes:
-        print(f"note: {n}", flush=True)
+        print(f"note: {n}")
 
-    peaks = {t: measure_peak(t, timing.peak_repeats) for t in sorted({c.threads for c in cases})}
-    for t, p in peaks.items():
-        kernel = ", ".join(f"{b.get('internal_api')} {b.get('architecture')}" for b in p["blas"]) or "unknown"
-        print(f"peak {t}t: {p['gflops_median']:.1f} GFLOP/s (numpy n={p['n']}, kernel {kernel})", flush=True)
-
-    rows: list[Row] = []
-    with tempfile.TemporaryDirectory(prefix="rnnkit-bench-") as tmp:
-        for i, case in enumerate(cases, 1):
-            row = run_case(case, peers, timing, Path(tmp))
-            rows.append(row)
-            cols = "  ".join(f"{s} {fmt_time(st.median)}" for s, st in row.times.items())
-            extra = f"  [{'; '.join(row.notes)}]" if row.notes else ""
-            print(f"[{i}/{len(cases)}] {case.label}: {cols}{extra}", flush=True)
+    with other_load() as whole_run:
+        peaks = {t: measure_peak(t, timing.peak_repeats) for t in sorted({c.threads for c in cases})}
+        for t, p in peaks.items():
+            gf, kernel = p["gflops_median"], peak_kernel(p)
+            print(f"peak {t}t: {gf:.1f} GFLOP/s (numpy n={p['n']}, kernel {kernel})", flush=True)
+        rows = run_all(cases, peers, timing)
+    info["load_average_at_end"] = os.getloadavg()
+    # Cores kept busy by other processes during the run, on average: noise in every figure.
+    info["other_processes_cores_busy"] = whole_run[0]
 
     notes = list(peers.notes)
+    if whole_run[0] > BUSY:
+        notes.append(
+            f"Other processes kept {whole_run[0]:.2f} cores busy during this run: its figures are noisy."
+        )
+    args.out.mkdir(parents=True, exist_ok=True)
+    title = f"rnnkit {rnnkit.__version__} vs PyTorch and ONNX Runtime: {info['cpu']}, {args.threads} threads"
+    why_not = chart(rows, args.out / "results.png", title)
+    if why_not:
+        notes.append(why_not)
     result: dict[str, Any] = {
         "settings": {
             "quick": args.quick,
@@ -835,13 +885,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "peak": {str(t): p for t, p in peaks.items()},
         "rows": [r.to_json(peaks[r.case.threads]["gflops_median"]) for r in rows],
         "notes": notes,
+        "seconds": time.perf_counter() - start,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    why_not = chart(rows, args.out / "results.png")
-    if why_not:
-        notes.append(why_not)
-    result["seconds"] = time.perf_counter() - start
-    info["load_average_at_end"] = os.getloadavg()
     (args.out / "results.md").write_text(markdown(result, rows, peaks))
     (args.out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}/results.{{json,md{',png' if not why_not else ''}}} in {result['seconds']:.1f} s")
