@@ -5,6 +5,7 @@
 //! all-steps input projection, the weight gradients, large batches).
 
 use crate::simd::Float;
+use rayon::prelude::*;
 
 /// A read-only strided matrix view: element (i, j) lives at `ptr + i*rs + j*cs`.
 #[derive(Clone, Copy)]
@@ -32,6 +33,14 @@ unsafe impl<T: Sync> Sync for Mat<T> {}
 unsafe impl<T: Send> Send for MatMut<T> {}
 
 impl<T> Mat<T> {
+    /// Columns `[j0, j0 + w)` (no copy).
+    fn cols_at(&self, j0: usize, w: usize) -> Self {
+        Mat {
+            ptr: self.ptr.wrapping_offset(j0 as isize * self.cs),
+            cols: w,
+            ..*self
+        }
+    }
     /// `rows x cols` row-major matrix with leading dimension `ld` over `s` (checked to fit).
     pub fn new(s: &[T], rows: usize, cols: usize, ld: usize) -> Self {
         assert!(cols <= ld || rows <= 1, "leading dimension");
@@ -60,6 +69,16 @@ impl<T> Mat<T> {
 }
 
 impl<T> MatMut<T> {
+    /// Columns `[j0, j0 + w)`, a view of its own (the caller hands disjoint blocks out).
+    fn cols_at(&self, j0: usize, w: usize) -> Self {
+        MatMut {
+            ptr: self.ptr.wrapping_offset(j0 as isize * self.cs),
+            rows: self.rows,
+            cols: w,
+            rs: self.rs,
+            cs: self.cs,
+        }
+    }
     /// `rows x cols` row-major matrix with leading dimension `ld` over `s` (checked to fit).
     pub fn new(s: &mut [T], rows: usize, cols: usize, ld: usize) -> Self {
         assert!(cols <= ld || rows <= 1, "leading dimension");
@@ -93,21 +112,24 @@ impl<T> MatMut<T> {
 /// and at batch 1 the two crates tie).
 const FAER_MAX_ROWS: usize = 32;
 
-/// `dst (+)= a * b` by faer for f32 and f64 (returns false for any other type).
-fn faer_matmul<T: Float>(dst: &MatMut<T>, accumulate: bool, a: &Mat<T>, b: &Mat<T>) -> bool {
+/// Column width of the blocks a few-row product is cut into.
+const FAER_COL_BLOCK: usize = 128;
+/// Multiply-adds from which a few-row product runs its column blocks on the threads.
+const PAR_MACS: usize = 1 << 18;
+
+/// `dst (+)= a * b` by faer, for f32 and f64 (the only `Float`s).
+fn faer_matmul<T: Float>(dst: MatMut<T>, accumulate: bool, a: &Mat<T>, b: &Mat<T>) {
     use std::any::TypeId;
     // SAFETY: T is the type it is compared with, so the casts are identities; the views' bounds
     // were checked when they were built.
     unsafe {
         if TypeId::of::<T>() == TypeId::of::<f32>() {
             faer_impl::<f32, T>(dst.ptr.cast(), dst.rs, dst.cs, accumulate, a, b, 1.0);
-        } else if TypeId::of::<T>() == TypeId::of::<f64>() {
-            faer_impl::<f64, T>(dst.ptr.cast(), dst.rs, dst.cs, accumulate, a, b, 1.0);
         } else {
-            return false;
+            assert!(TypeId::of::<T>() == TypeId::of::<f64>(), "Float is f32 or f64");
+            faer_impl::<f64, T>(dst.ptr.cast(), dst.rs, dst.cs, accumulate, a, b, 1.0);
         }
     }
-    true
 }
 
 /// # Safety
@@ -153,7 +175,22 @@ pub fn matmul<T: Float>(dst: MatMut<T>, accumulate: bool, a: Mat<T>, b: Mat<T>, 
         }
         return;
     }
-    if (2..=FAER_MAX_ROWS).contains(&dst.rows) && faer_matmul(&dst, accumulate, &a, &b) {
+    if (2..=FAER_MAX_ROWS).contains(&dst.rows) {
+        // Fixed blocks of columns, the same whatever the thread count (so that the results do not
+        // depend on it), run on the threads when the product is large enough to pay for them.
+        let blocks: Vec<_> = (0..dst.cols)
+            .step_by(FAER_COL_BLOCK)
+            .map(|j0| {
+                let w = FAER_COL_BLOCK.min(dst.cols - j0);
+                (dst.cols_at(j0, w), b.cols_at(j0, w))
+            })
+            .collect();
+        let run = |(d, bb): (MatMut<T>, Mat<T>)| faer_matmul(d, accumulate, &a, &bb);
+        if threads > 1 && blocks.len() > 1 && dst.rows * dst.cols * a.cols >= PAR_MACS {
+            blocks.into_par_iter().for_each(run);
+        } else {
+            blocks.into_iter().for_each(run);
+        }
         return;
     }
     let par = if threads > 1 {
