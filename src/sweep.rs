@@ -20,7 +20,7 @@
 
 use crate::cells::{Bwd, Cell, CellKind, Fwd};
 use crate::error::{Error, Result};
-use crate::gemm::{add_column_sums, matmul, Mat, MatMut};
+use crate::gemm::{add_column_sums, matmul, row_times_packed, Mat, MatMut, Packed};
 use crate::simd::{dispatch, Float, Kernel};
 use rayon::prelude::*;
 
@@ -528,18 +528,23 @@ impl<C: Cell, T: Float> Sweep<'_, C, T> {
                 ca[r * ch..(r + 1) * ch].copy_from_slice(&c0[b * ch..(b + 1) * ch]);
             }
         }
+        // A slice of one sequence multiplies one row by W_hh^T at every step: pack it once.
+        let packed = (n == 1).then(|| Packed::new(Mat::new(self.w.w_hh, gh, h, h).t()));
         let mut active = n;
         for s in 0..lens[0] {
             while lens[active - 1] <= s {
                 active -= 1;
             }
-            matmul(
-                MatMut::new(&mut hw, active, gh, gh),
-                false,
-                Mat::new(&ha, active, h, h),
-                Mat::new(self.w.w_hh, gh, h, h).t(),
-                gt,
-            );
+            match &packed {
+                Some(p) => row_times_packed(&mut hw, false, &ha, p),
+                None => matmul(
+                    MatMut::new(&mut hw, active, gh, gh),
+                    false,
+                    Mat::new(&ha, active, h, h),
+                    Mat::new(self.w.w_hh, gh, h, h).t(),
+                    gt,
+                ),
+            }
             split_rows(
                 active,
                 gh,
@@ -830,6 +835,7 @@ impl<C: Cell, T: Float> Sweep<'_, C, T> {
                 dc[r * ch..(r + 1) * ch].copy_from_slice(&s[b * ch..(b + 1) * ch]);
             }
         }
+        let packed = (n == 1).then(|| Packed::new(Mat::new(self.w.w_hh, gh, h, h)));
         let mut active = 0;
         for s in (0..lens[0]).rev() {
             while active < n && lens[active] > s {
@@ -856,13 +862,16 @@ impl<C: Cell, T: Float> Sweep<'_, C, T> {
                     })
                 },
             );
-            matmul(
-                MatMut::new(&mut dh, active, h, h),
-                true,
-                Mat::new(&dgh, active, gh, gh),
-                Mat::new(self.w.w_hh, gh, h, h),
-                gt,
-            );
+            match &packed {
+                Some(p) => row_times_packed(&mut dh, true, &dgh, p),
+                None => matmul(
+                    MatMut::new(&mut dh, active, h, h),
+                    true,
+                    Mat::new(&dgh, active, gh, gh),
+                    Mat::new(self.w.w_hh, gh, h, h),
+                    gt,
+                ),
+            }
         }
         for (r, &b) in perm.iter().enumerate() {
             // SAFETY: row b of dh0 / dc0 belongs to this sequence only.
