@@ -65,9 +65,19 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--hidden", type=int, default=64)
     d.add_argument("--steps", type=int, default=300)
     d.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    if args.command == "demo":
-        demo(args.cell, args.hidden, args.steps, args.seed)
+    sub.add_parser(
+        "bench",
+        help="time rnnkit against PyTorch and ONNX Runtime (options: python -m rnnkit bench --help)",
+        add_help=False,
+    )
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "bench":
+        from rnnkit.bench import main as bench_main
+
+        return bench_main(rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    demo(args.cell, args.hidden, args.steps, args.seed)
     return 0
 
 
