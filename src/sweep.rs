@@ -23,6 +23,7 @@ use crate::error::{Error, Result};
 use crate::gemm::{add_column_sums, matmul, row_times_packed, Mat, MatMut, Packed};
 use crate::simd::{dispatch, Float, Kernel};
 use rayon::prelude::*;
+use std::borrow::Cow;
 
 /// Sequences per batch slice: a slice runs its own time loop. The slicing depends on the batch
 /// size only, never on the thread count, so that results do not change with the number of
@@ -79,8 +80,11 @@ pub struct Layer {
 pub struct Tape<T> {
     layer: Layer,
     plan: Plan,
-    /// The input, with the steps past each sequence's length zeroed.
+    /// The input: the rows of `valid` when it is set, else all rows with the steps past each
+    /// sequence's length zeroed.
     x: Vec<T>,
+    /// The x-order rows inside the sequences' lengths, when padding is worth skipping.
+    valid: Option<Vec<usize>>,
     c0: Option<Vec<T>>,
     dirs: Vec<DirTape<T>>,
 }
@@ -384,6 +388,40 @@ pub fn forward<T: Float>(
     )
 }
 
+/// The x-order rows inside the sequences' lengths, in increasing order, when at least a tenth
+/// of the rows is padding: the big GEMMs then run on those rows gathered into a dense block
+/// (copying them costs a few percent of the GEMMs' time).
+fn valid_rows(layer: &Layer, lengths: Option<&[usize]>) -> Option<Vec<usize>> {
+    let l = lengths?;
+    let total: usize = l.iter().sum();
+    if total * 10 > layer.rows() * 9 {
+        return None;
+    }
+    let mut idx: Vec<usize> = l
+        .iter()
+        .enumerate()
+        .flat_map(|(b, &len)| (0..len).map(move |t| layer.row(t, b)))
+        .collect();
+    idx.sort_unstable();
+    Some(idx)
+}
+
+/// The rows `idx` (of width `w`) of `src`, packed.
+fn gather<T: Copy>(src: &[T], idx: &[usize], w: usize) -> Vec<T> {
+    let mut out = Vec::with_capacity(idx.len() * w);
+    for &r in idx {
+        out.extend_from_slice(&src[r * w..(r + 1) * w]);
+    }
+    out
+}
+
+/// The packed rows of `src` put back at rows `idx` (of width `w`) of `dst`.
+fn scatter<T: Copy>(dst: &mut [T], idx: &[usize], w: usize, src: &[T]) {
+    for (k, &r) in idx.iter().enumerate() {
+        dst[r * w..(r + 1) * w].copy_from_slice(&src[k * w..(k + 1) * w]);
+    }
+}
+
 /// Zero the (D*H wide) rows of `buf` past each sequence's length.
 fn zero_padding<T: Float>(layer: &Layer, lengths: Option<&[usize]>, buf: &mut [T], width: usize) {
     let Some(l) = lengths else { return };
@@ -424,23 +462,34 @@ fn forward_impl<C: Cell, T: Float>(
     let plan = Plan::new(d.batch, d.seq_len, lengths);
     let ydim = nd * h;
     zero_padding(layer, lengths, y, ydim);
-    let x_kept = train.then(|| {
-        let mut k = x.to_vec();
-        zero_padding(layer, lengths, &mut k, d.input);
-        k
-    });
-    let xs: &[T] = x_kept.as_deref().unwrap_or(x);
+    // The big GEMMs run over the valid rows only when padding is worth skipping, else over all.
+    let valid = valid_rows(layer, lengths);
+    let xs: Cow<'_, [T]> = match &valid {
+        Some(idx) => Cow::Owned(gather(x, idx, d.input)),
+        None if train => {
+            let mut k = x.to_vec();
+            zero_padding(layer, lengths, &mut k, d.input);
+            Cow::Owned(k)
+        }
+        None => Cow::Borrowed(x),
+    };
+    let nrows = valid.as_ref().map_or(rows, Vec::len);
     let (yp, hnp, cnp) = (Ptr::new(y), Ptr::new(hn), Ptr::new(cn));
     let bh = d.batch * h;
     let dirs = per_direction(weights.to_vec(), threads, |dir, w| {
-        let mut xw = vec![T::ZERO; rows * gh];
+        let mut xw = vec![T::ZERO; nrows * gh];
         matmul(
-            MatMut::new(&mut xw, rows, gh, gh),
+            MatMut::new(&mut xw, nrows, gh, gh),
             false,
-            Mat::new(xs, rows, d.input, d.input),
+            Mat::new(&xs, nrows, d.input, d.input),
             Mat::new(w.w_ih, gh, d.input, d.input).t(),
             threads,
         );
+        if let Some(idx) = &valid {
+            let mut full = vec![T::ZERO; rows * gh];
+            scatter(&mut full, idx, gh, &xw);
+            xw = full;
+        }
         let mut tape = train.then(|| DirTape {
             saved: vec![T::ZERO; rows * C::SAVED * h],
             hprev: vec![T::ZERO; rows * h],
@@ -467,10 +516,11 @@ fn forward_impl<C: Cell, T: Float>(
         plan.for_each_slice(threads, |off, n, gt| sw.forward_slice(off, n, gt, &xw, h0, c0, out));
         tape
     });
-    x_kept.map(|x| Tape {
+    train.then(|| Tape {
         layer: *layer,
         plan,
-        x,
+        x: xs.into_owned(),
+        valid,
         c0: c0.map(<[T]>::to_vec),
         dirs: dirs.into_iter().flatten().collect(),
     })
@@ -732,6 +782,7 @@ fn backward_impl<C: Cell, T: Float>(
     let d = layer.dims;
     let (h, gh, rows, nd) = (d.hidden, layer.gh(), layer.rows(), layer.directions);
     let bh = d.batch * h;
+    let nrows = tape.valid.as_ref().map_or(rows, Vec::len);
     let (dh0p, dc0p) = (Ptr::new(dh0), Ptr::new(dc0));
     let jobs: Vec<_> = grads.iter_mut().zip(&tape.dirs).collect();
     let dgxs = per_direction(jobs, threads, |dir, (g, kept)| {
@@ -766,34 +817,55 @@ fn backward_impl<C: Cell, T: Float>(
         };
         tape.plan
             .for_each_slice(threads, |off, n, gt| sw.backward_slice(off, n, gt, &inp, out));
+        // Deferred weight gradients: one GEMM each over all the (valid) rows.
+        let (dgx, dgh_all, hprev) = match &tape.valid {
+            Some(idx) => (
+                gather(&dgx, idx, gh),
+                if C::SPLIT_DGH {
+                    gather(&dgh_all, idx, gh)
+                } else {
+                    Vec::new()
+                },
+                Cow::Owned(gather(&kept.hprev, idx, h)),
+            ),
+            None => (dgx, dgh_all, Cow::Borrowed(&kept.hprev[..])),
+        };
         let dgh: &[T] = if C::SPLIT_DGH { &dgh_all } else { &dgx };
-        // Deferred weight gradients: one GEMM each over all T*B rows.
         matmul(
             MatMut::new(g.w_ih, gh, d.input, d.input),
             true,
-            Mat::new(&dgx, rows, gh, gh).t(),
-            Mat::new(&tape.x, rows, d.input, d.input),
+            Mat::new(&dgx, nrows, gh, gh).t(),
+            Mat::new(&tape.x, nrows, d.input, d.input),
             threads,
         );
         matmul(
             MatMut::new(g.w_hh, gh, h, h),
             true,
-            Mat::new(dgh, rows, gh, gh).t(),
-            Mat::new(&kept.hprev, rows, h, h),
+            Mat::new(dgh, nrows, gh, gh).t(),
+            Mat::new(&hprev, nrows, h, h),
             threads,
         );
         add_column_sums(g.b_ih, &dgx, gh);
         add_column_sums(g.b_hh, dgh, gh);
         dgx
     });
+    let mut dxc = match tape.valid {
+        Some(_) => vec![T::ZERO; nrows * d.input],
+        None => Vec::new(),
+    };
+    let dxv: &mut [T] = if tape.valid.is_some() { &mut dxc } else { dx };
     for (dir, dgx) in dgxs.iter().enumerate() {
         matmul(
-            MatMut::new(dx, rows, d.input, d.input),
+            MatMut::new(dxv, nrows, d.input, d.input),
             dir > 0,
-            Mat::new(dgx, rows, gh, gh),
+            Mat::new(dgx, nrows, gh, gh),
             Mat::new(weights[dir].w_ih, gh, d.input, d.input),
             threads,
         );
+    }
+    if let Some(idx) = &tape.valid {
+        dx.fill(T::ZERO);
+        scatter(dx, idx, d.input, &dxc);
     }
 }
 
