@@ -489,8 +489,9 @@ fn backward<'py>(
 }
 
 /// Borrow `obj` as a contiguous slice of `T` without NumPy's dynamic borrow tracking (which costs
-/// more than a small step itself). Sound because the GIL stays held while the slice is used and
-/// the slices are only read; on any mismatch the checked path produces the error message.
+/// more than a small step itself). The slices are only read, and the arrays they view are kept
+/// alive by the caller's references; as with the tracked borrows, nothing stops another Python
+/// thread from writing into them meanwhile. On any mismatch the checked path produces the error.
 fn fast_slice<'a, T: Element>(
     obj: &'a Bound<'_, PyAny>,
     name: impl Fn() -> String,
@@ -509,6 +510,9 @@ fn fast_slice<'a, T: Element>(
     readonly::<T>(obj, &name(), ndim)?;
     Err(value_err(format!("{} could not be read", name())))
 }
+
+/// Multiply-adds from which a step releases the GIL (below, releasing costs more than the step).
+const STEP_DETACH_MACS: usize = 1 << 18;
 
 fn step_t<'py, T: Wrap>(
     py: Python<'py>,
@@ -558,7 +562,13 @@ fn step_t<'py, T: Wrap>(
             Some(a) => unsafe { a.as_slice_mut() }.expect("new array"),
             None => &mut [],
         };
-        sweep::step(cell, xs, batch, hidden, &ws, hs, cs, ho, co)?;
+        // Release the GIL when the step is big enough for that to matter to other threads.
+        let work: usize = ws.iter().map(|w| batch * (w.w_ih.len() + w.w_hh.len())).sum();
+        if work >= STEP_DETACH_MACS {
+            py.detach(|| sweep::step(cell, xs, batch, hidden, &ws, hs, cs, ho, co))?;
+        } else {
+            sweep::step(cell, xs, batch, hidden, &ws, hs, cs, ho, co)?;
+        }
     }
     Ok((h_out.into_any(), c_out.map(|a| a.into_any())))
 }
