@@ -234,28 +234,23 @@ trait Wrap: Float + Element {
     fn wrap(t: Tape<Self>) -> AnyTape;
     fn peek(t: &AnyTape) -> Option<&Tape<Self>>;
 }
-impl Wrap for f32 {
-    fn wrap(t: Tape<f32>) -> AnyTape {
-        AnyTape::F32(t)
-    }
-    fn peek(t: &AnyTape) -> Option<&Tape<f32>> {
-        match t {
-            AnyTape::F32(t) => Some(t),
-            AnyTape::F64(_) => None,
+macro_rules! wrap {
+    ($t:ty, $mine:ident) => {
+        impl Wrap for $t {
+            fn wrap(t: Tape<$t>) -> AnyTape {
+                AnyTape::$mine(t)
+            }
+            fn peek(t: &AnyTape) -> Option<&Tape<$t>> {
+                match t {
+                    AnyTape::$mine(t) => Some(t),
+                    _ => None,
+                }
+            }
         }
-    }
+    };
 }
-impl Wrap for f64 {
-    fn wrap(t: Tape<f64>) -> AnyTape {
-        AnyTape::F64(t)
-    }
-    fn peek(t: &AnyTape) -> Option<&Tape<f64>> {
-        match t {
-            AnyTape::F64(t) => Some(t),
-            AnyTape::F32(_) => None,
-        }
-    }
-}
+wrap!(f32, F32);
+wrap!(f64, F64);
 
 fn float_kind(obj: &Bound<'_, PyAny>, name: &str) -> PyResult<&'static str> {
     let arr = obj
