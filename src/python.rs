@@ -221,6 +221,20 @@ impl PyTape {
             if self.pending() { "pending" } else { "used" }
         )
     }
+
+    /// Raise ValueError unless `weights` are the parameters the forward pass used.
+    fn check_weights(&self, weights: &Bound<'_, PyAny>) -> PyResult<()> {
+        let guard = self
+            .inner
+            .try_lock()
+            .map_err(|_| value_err("this tape is in use by another backward call".into()))?;
+        match guard.as_ref() {
+            Some(AnyTape::F32(t)) => t.check_weights(&weights_of(&borrow_params::<f32>(weights, "weights")?))?,
+            Some(AnyTape::F64(t)) => t.check_weights(&weights_of(&borrow_params::<f64>(weights, "weights")?))?,
+            None => return Err(value_err("backward was already run for this forward".into())),
+        }
+        Ok(())
+    }
 }
 
 type ForwardOut<'py> = (

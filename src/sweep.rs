@@ -85,6 +85,8 @@ pub struct Tape<T> {
     x: Vec<T>,
     /// The x-order rows inside the sequences' lengths, when padding is worth skipping.
     valid: Option<Vec<usize>>,
+    /// A copy of each direction's parameters, to refuse a backward with other ones.
+    weights: Vec<Vec<T>>,
     c0: Option<Vec<T>>,
     dirs: Vec<DirTape<T>>,
 }
@@ -96,10 +98,28 @@ struct DirTape<T> {
     hprev: Vec<T>,
 }
 
-impl<T> Tape<T> {
+impl<T: Float> Tape<T> {
     /// The layer this tape was recorded for.
     pub fn layer(&self) -> &Layer {
         &self.layer
+    }
+
+    /// Refuse parameters other than the ones the forward pass used: their gradients would be
+    /// those of a computation that never ran.
+    pub fn check_weights(&self, weights: &[Weights<'_, T>]) -> Result<()> {
+        self.layer.check_weights(weights)?;
+        if weights
+            .iter()
+            .zip(&self.weights)
+            .any(|(w, kept)| !same_weights(w, kept))
+        {
+            return Err(Error::Value(
+                "the parameters changed between this forward and its backward (update them after \
+                 backward, or run forward again)"
+                    .into(),
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -388,6 +408,22 @@ pub fn forward<T: Float>(
     )
 }
 
+/// One direction's parameters, concatenated.
+fn weights_copy<T: Float>(w: &Weights<'_, T>) -> Vec<T> {
+    [w.w_ih, w.w_hh, w.b_ih, w.b_hh].concat()
+}
+
+/// Whether `w` equals the copy `kept`, bit for bit (so that a NaN parameter equals itself).
+fn same_weights<T: Float>(w: &Weights<'_, T>, kept: &[T]) -> bool {
+    let parts = [w.w_ih, w.w_hh, w.b_ih, w.b_hh];
+    parts.iter().map(|p| p.len()).sum::<usize>() == kept.len()
+        && parts
+            .iter()
+            .flat_map(|p| p.iter())
+            .zip(kept)
+            .all(|(x, y)| x.to_f64().to_bits() == y.to_f64().to_bits())
+}
+
 /// The x-order rows inside the sequences' lengths, in increasing order, when at least a tenth
 /// of the rows is padding: the big GEMMs then run on those rows gathered into a dense block
 /// (copying them costs a few percent of the GEMMs' time).
@@ -521,6 +557,7 @@ fn forward_impl<C: Cell, T: Float>(
         plan,
         x: xs.into_owned(),
         valid,
+        weights: weights.iter().map(weights_copy).collect(),
         c0: c0.map(<[T]>::to_vec),
         dirs: dirs.into_iter().flatten().collect(),
     })
@@ -719,6 +756,17 @@ pub fn backward<T: Float>(
     let layer = tape.layer;
     let (d, nd) = (layer.dims, layer.directions);
     layer.check_weights(weights)?;
+    if weights
+        .iter()
+        .zip(&tape.weights)
+        .any(|(w, kept)| !same_weights(w, kept))
+    {
+        return Err(Error::Value(
+            "the parameters changed between this forward and its backward (update them after backward, \
+             or run forward again)"
+                .into(),
+        ));
+    }
     expect_len("dy", dy.len(), layer.rows() * nd * d.hidden, || {
         layer.seq_shape(nd * d.hidden)
     })?;

@@ -555,3 +555,19 @@ def test_core_backward_twice_and_eval_tape():
     y, hn, cn, tape = _core.forward("lstm", X, W, train=False)
     assert tape is None
     raises(TypeError, "", _core.backward, tape, W, y, grads=zero_grads(W))
+
+
+@pytest.mark.parametrize("cell", ["rnn_tanh", "lstm", "gru"])
+def test_backward_refuses_parameters_changed_since_forward(cell):
+    """Gradients of a forward with other weights would be silently wrong: refused, and the tape
+    stays usable once the parameters are back."""
+    for name in ("weight_hh_l1_reverse", "bias_ih_l0"):  # the last layer's backward runs first
+        layer = make_layer(cell, 3, 4, 2, bidirectional=True, dtype=np.float64, seed=0)
+        y, _ = layer(np.ones((2, 5, 3)))
+        saved = layer.params[name].copy()
+        layer.params[name] += 1e-3
+        with pytest.raises(ValueError, match="parameters changed between this forward and its backward"):
+            layer.backward(np.ones_like(y))
+        assert all(not g.any() for g in layer.grads.values()), "a refused backward changed grads"
+        layer.params[name][...] = saved
+        layer.backward(np.ones_like(y))

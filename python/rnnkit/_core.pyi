@@ -28,6 +28,7 @@ class Tape:
 
     @property
     def pending(self) -> bool: ...
+    def check_weights(self, weights: _Params) -> None: ...
 
 def forward(
     cell: str,

@@ -322,6 +322,8 @@ class _Recurrent:
             )
         if not all(t is not None and t.pending for t in self._tapes):
             raise ValueError("backward was already run for the last forward; run forward again first")
+        for layer, tape in enumerate(self._tapes):  # before any layer's backward changes anything
+            tape.check_weights(self._weights(layer))
         dy = float_array(dy, "dy", self.dtype)
         nd = self.num_directions
         batch = self._in_shape[0] if self.batch_first else self._in_shape[1]
