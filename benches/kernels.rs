@@ -7,7 +7,7 @@
 //! kernels use all cores unless `RNNKIT_NUM_THREADS` says otherwise.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use rnnkit::{backward, forward, CellKind, Dims, Grads, Layer, Layout, Weights};
+use rnnkit::{backward, forward, CellKind, Dims, Grads, Layer, Layout, Tape, Weights};
 use std::hint::black_box;
 use std::time::Duration;
 
@@ -118,9 +118,9 @@ impl Problem {
         (if train { 3 * fwd } else { fwd }) as u64
     }
 
-    fn infer(&mut self) {
+    fn run_forward(&mut self, train: bool) -> Option<Tape<f32>> {
         let w = self.params.weights();
-        let tape = forward(
+        forward(
             &self.layer,
             &self.x,
             &w,
@@ -130,29 +130,20 @@ impl Problem {
             &mut self.y,
             &mut self.hn,
             &mut self.cn,
-            false,
+            train,
         )
-        .expect("forward");
+        .expect("forward")
+    }
+
+    fn infer(&mut self) {
+        let tape = self.run_forward(false);
         black_box((tape, &self.y));
     }
 
     fn train(&mut self) {
         self.grads.zero();
+        let tape = self.run_forward(true).expect("a training forward returns a tape");
         let w = self.params.weights();
-        let tape = forward(
-            &self.layer,
-            &self.x,
-            &w,
-            None,
-            None,
-            None,
-            &mut self.y,
-            &mut self.hn,
-            &mut self.cn,
-            true,
-        )
-        .expect("forward")
-        .expect("a training forward returns a tape");
         let g = &mut self.grads;
         let mut grads = [Grads {
             w_ih: &mut g.w_ih,

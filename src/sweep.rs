@@ -274,12 +274,7 @@ impl Plan {
     /// Run `f(first_row, rows, gemm_threads)` for every slice, the slices in parallel.
     fn for_each_slice(&self, threads: usize, f: impl Fn(usize, usize, usize) + Sync) {
         let gt = self.gemm_threads(threads);
-        if self.slices.len() == 1 {
-            let (off, n) = self.slices[0];
-            f(off, n, gt);
-        } else {
-            self.slices.par_iter().for_each(|&(off, n)| f(off, n, gt));
-        }
+        map_items(self.slices.clone(), threads, |_, (off, n)| f(off, n, gt));
     }
 }
 
@@ -315,11 +310,7 @@ fn split_rows<T: Send, const N: usize>(
         });
         jobs.push((r0, r1, blocks));
     }
-    if parts == 1 {
-        jobs.into_iter().for_each(|(r0, r1, b)| f(r0, r1, b));
-    } else {
-        jobs.into_par_iter().for_each(|(r0, r1, b)| f(r0, r1, b));
-    }
+    map_items(jobs, threads, |_, (r0, r1, b)| f(r0, r1, b));
 }
 
 /// The time index of step `s` of a sequence of length `len`.
@@ -469,8 +460,9 @@ fn zero_padding<T: Float>(layer: &Layer, lengths: Option<&[usize]>, buf: &mut [T
     }
 }
 
-/// Run `f(d, item)` for each direction's item, side by side when there are two and threads.
-fn per_direction<I: Send, R: Send>(items: Vec<I>, threads: usize, f: impl Fn(usize, I) -> R + Sync) -> Vec<R> {
+/// `f(index, item)` for every item (directions, batch slices, row parts), on the pool's threads
+/// when there are several items and threads, else in order on this one.
+fn map_items<I: Send, R: Send>(items: Vec<I>, threads: usize, f: impl Fn(usize, I) -> R + Sync) -> Vec<R> {
     if items.len() > 1 && threads > 1 {
         items.into_par_iter().enumerate().map(|(d, it)| f(d, it)).collect()
     } else {
@@ -512,7 +504,7 @@ fn forward_impl<C: Cell, T: Float>(
     let nrows = valid.as_ref().map_or(rows, Vec::len);
     let (yp, hnp, cnp) = (Ptr::new(y), Ptr::new(hn), Ptr::new(cn));
     let bh = d.batch * h;
-    let dirs = per_direction(weights.to_vec(), threads, |dir, w| {
+    let dirs = map_items(weights.to_vec(), threads, |dir, w| {
         let mut xw = vec![T::ZERO; nrows * gh];
         matmul(
             MatMut::new(&mut xw, nrows, gh, gh),
@@ -833,7 +825,7 @@ fn backward_impl<C: Cell, T: Float>(
     let nrows = tape.valid.as_ref().map_or(rows, Vec::len);
     let (dh0p, dc0p) = (Ptr::new(dh0), Ptr::new(dc0));
     let jobs: Vec<_> = grads.iter_mut().zip(&tape.dirs).collect();
-    let dgxs = per_direction(jobs, threads, |dir, (g, kept)| {
+    let dgxs = map_items(jobs, threads, |dir, (g, kept)| {
         let w = &weights[dir];
         let mut dgx = vec![T::ZERO; rows * gh];
         let mut dgh_all = if C::SPLIT_DGH {

@@ -322,7 +322,9 @@ class _Recurrent:
             )
         if not all(t is not None and t.pending for t in self._tapes):
             raise ValueError("backward was already run for the last forward; run forward again first")
-        for layer, tape in enumerate(self._tapes):  # before any layer's backward changes anything
+        # Refuse changed parameters before any layer's backward changes anything. The last layer
+        # (whose backward runs first) is checked by that backward itself, before it changes anything.
+        for layer, tape in enumerate(self._tapes[:-1]):
             tape.check_weights(self._weights(layer))
         dy = float_array(dy, "dy", self.dtype)
         nd = self.num_directions
