@@ -232,7 +232,7 @@ def version(dist: str) -> str | None:
 def blas_info() -> list[dict[str, Any]]:
     """The BLAS libraries numpy loaded in this process, as threadpoolctl sees them."""
     try:
-        from threadpoolctl import threadpool_info  # type: ignore[import-untyped]
+        from threadpoolctl import threadpool_info
     except ImportError:
         return []
     keep = ("internal_api", "architecture", "num_threads", "version", "threading_layer")
