@@ -248,8 +248,8 @@ def test_step_matches_forward(cell, dtype):
 
 @pytest.mark.parametrize("cell", CELLS)
 def test_step_sees_replaced_and_updated_parameters(cell):
-    """step caches its view of the parameters; an array replaced in layer.params, or updated in
-    place (as optimizers and load_state_dict do), is used by the next step."""
+    """step caches its view of the parameters; a parameter assigned through layer.params, or
+    updated in place (as optimizers and load_state_dict do), is used by the next step."""
     rng = np.random.default_rng(5)
     layer = make_layer(cell, IN, H, 1, dtype=np.float64, seed=1).eval()
     x = rng.standard_normal((B, 1, IN))

@@ -14,6 +14,7 @@ import numpy.typing as npt
 
 from rnnkit import _core
 from rnnkit._checks import float_array, float_dtype, lengths_array, positive_int
+from rnnkit.module import Module
 
 Array = npt.NDArray[Any]
 State = Array | tuple[Array, Array]
@@ -21,9 +22,11 @@ State = Array | tuple[Array, Array]
 _PARAM_KINDS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
 
 
-class _Recurrent:
+class _Recurrent(Module):
     """Common machinery of :class:`RNN`, :class:`LSTM` and :class:`GRU`."""
 
+    returns_state = True
+    takes_lengths = True
     _gates: int
     _has_c: bool = False
 
@@ -40,6 +43,7 @@ class _Recurrent:
         dtype: Any = np.float32,
         seed: int | np.random.Generator | None = None,
     ) -> None:
+        super().__init__()
         self.input_size = positive_int(input_size, "input_size")
         self.hidden_size = positive_int(hidden_size, "hidden_size")
         self.num_layers = positive_int(num_layers, "num_layers")
@@ -51,8 +55,6 @@ class _Recurrent:
         self.bidirectional = bool(bidirectional)
         self.dtype = float_dtype(dtype)
         self._rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
-        self.training = True
-        self.params: dict[str, Array] = {}
         bound = 1.0 / np.sqrt(self.hidden_size)
         gh = self._gates * self.hidden_size
         for layer in range(self.num_layers):
@@ -66,12 +68,12 @@ class _Recurrent:
                     shapes |= {"bias_ih": (gh,), "bias_hh": (gh,)}
                 for kind, shape in shapes.items():
                     w = self._rng.uniform(-bound, bound, size=shape)
-                    self.params[f"{kind}_l{layer}{sfx}"] = w.astype(self.dtype)
-        self.grads: dict[str, Array] = {k: np.zeros_like(v) for k, v in self.params.items()}
+                    self.add_param(f"{kind}_l{layer}{sfx}", w.astype(self.dtype))
         self._zero_bias = np.zeros(gh, dtype=self.dtype)
         self._tapes: list[Any] | None = None
-        self._step_key: tuple[int, ...] = ()
-        self._step_weights: list[tuple[Array, Array, Array, Array]] = []
+        # The parameter arrays are never replaced (Module.params copies into them), so step's
+        # per-layer weight tuples can be built once.
+        self._step_weights = [self._weights(k)[0] for k in range(self.num_layers)]
         self._masks: list[Array | None] = []
         self._in_shape: tuple[int, ...] = ()
 
@@ -91,7 +93,7 @@ class _Recurrent:
     def _weights(self, layer: int) -> list[tuple[Array, Array, Array, Array]]:
         out = []
         for sfx in self._suffixes():
-            p = self.params
+            p = self._params
             b_ih = p.get(f"bias_ih_l{layer}{sfx}", self._zero_bias)
             b_hh = p.get(f"bias_hh_l{layer}{sfx}", self._zero_bias)
             out.append((p[f"weight_ih_l{layer}{sfx}"], p[f"weight_hh_l{layer}{sfx}"], b_ih, b_hh))
@@ -100,69 +102,27 @@ class _Recurrent:
     def _grad_buffers(self, layer: int) -> list[tuple[Array, Array, Array, Array]]:
         out = []
         for sfx in self._suffixes():
-            g = self.grads
+            g = self._grads
             gh = self._gates * self.hidden_size
             b_ih = g.get(f"bias_ih_l{layer}{sfx}", np.zeros(gh, self.dtype))
             b_hh = g.get(f"bias_hh_l{layer}{sfx}", np.zeros(gh, self.dtype))
             out.append((g[f"weight_ih_l{layer}{sfx}"], g[f"weight_hh_l{layer}{sfx}"], b_ih, b_hh))
         return out
 
-    def num_parameters(self) -> int:
-        """The number of trainable scalars."""
-        return int(sum(p.size for p in self.params.values()))
-
-    def __repr__(self) -> str:
+    def extra_repr(self) -> str:
         extra = f", num_layers={self.num_layers}" if self.num_layers > 1 else ""
         extra += ", bidirectional=True" if self.bidirectional else ""
         extra += f", dropout={self.dropout}" if self.dropout else ""
         extra += ", bias=False" if not self.bias else ""
-        return f"{type(self).__name__}({self.input_size}, {self.hidden_size}{extra}, dtype={self.dtype.name})"
+        extra += ", batch_first=False" if not self.batch_first else ""
+        return f"{self.input_size}, {self.hidden_size}{extra}, dtype={self.dtype.name}"
 
     # ------------------------------------------------------------------ modes and state
 
-    def train(self, mode: bool = True) -> _Recurrent:
-        """Training mode: forward keeps what backward needs, and dropout is applied."""
-        self.training = bool(mode)
-        if not mode:
+    def _set_training(self, mode: bool) -> None:
+        super()._set_training(mode)
+        if not mode:  # inference keeps nothing for backward
             self._tapes = None
-        return self
-
-    def eval(self) -> _Recurrent:
-        """Inference mode: forward keeps nothing."""
-        return self.train(False)
-
-    def zero_grad(self) -> None:
-        """Set every gradient in :attr:`grads` to zero."""
-        for g in self.grads.values():
-            g.fill(0)
-
-    def state_dict(self) -> dict[str, Array]:
-        """A copy of the parameters, keyed and shaped exactly as PyTorch's module of the same kind."""
-        return {k: v.copy() for k, v in self.params.items()}
-
-    def load_state_dict(self, state: dict[str, Any], strict: bool = True) -> None:
-        """Copy parameters in from ``state`` (NumPy arrays, or PyTorch tensors, converted).
-
-        Names and shapes must match this layer's; with ``strict=False`` missing and extra names
-        are ignored (shapes must still match).
-        """
-        if not isinstance(state, dict):
-            raise TypeError(f"state must be a dict of arrays; got {type(state).__name__}")
-        missing = sorted(set(self.params) - set(state))
-        unexpected = sorted(set(state) - set(self.params))
-        if strict and (missing or unexpected):
-            raise ValueError(
-                f"state does not match {type(self).__name__}'s parameters: "
-                f"missing {missing}, unexpected {unexpected}"
-            )
-        converted = {}
-        for k in self.params.keys() & state.keys():
-            v = float_array(state[k], f"state[{k!r}]", self.dtype)
-            if v.shape != self.params[k].shape:
-                raise ValueError(f"state[{k!r}] has shape {v.shape}; expected {self.params[k].shape}")
-            converted[k] = v
-        for k, v in converted.items():
-            self.params[k][...] = v
 
     def initial_state(self, batch_size: int) -> State:
         """A zero state for ``batch_size`` sequences: (h, c) for LSTM, h otherwise."""
@@ -196,10 +156,6 @@ class _Recurrent:
             h, c = state
         else:
             h, c = state, None
-        key = tuple(map(id, self.params.values()))  # the cache holds the arrays: ids stay unique
-        if key != self._step_key:
-            self._step_weights = [self._weights(k)[0] for k in range(self.num_layers)]
-            self._step_key = key
         try:
             h_new, c_new = _core.step(self._cell, x, self._step_weights, h, c)
         except (TypeError, ValueError):
