@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -83,7 +82,7 @@ def _sequence_arrays(sequences: Any, name: str) -> tuple[list[Array], IntArray]:
             raise ValueError(f"{name}[{i}] must be a sequence (at least 1-dimensional); got a scalar")
         if arr.shape[0] == 0:
             raise ValueError(f"{name}[{i}] is empty; every sequence needs at least one step")
-        if arr.shape[1:] != arrays[0].shape[1:] if arrays else False:
+        if arrays and arr.shape[1:] != arrays[0].shape[1:]:
             raise ValueError(
                 f"{name}[{i}] has per-step shape {arr.shape[1:]}; {name}[0] has {arrays[0].shape[1:]}"
             )
@@ -92,12 +91,12 @@ def _sequence_arrays(sequences: Any, name: str) -> tuple[list[Array], IntArray]:
 
 
 def _common_dtype(arrays: list[Array]) -> np.dtype[Any]:
-    return functools.reduce(np.promote_types, {a.dtype for a in arrays})
+    return np.result_type(*{a.dtype for a in arrays})
 
 
 def _numeric_dtype(dtype: Any, name: str) -> np.dtype[Any]:
     try:
-        dt = np.dtype(dtype)
+        dt: np.dtype[Any] = np.dtype(dtype)
     except TypeError as e:
         raise TypeError(f"{name} must be a numeric NumPy dtype; got {dtype!r}") from e
     if dt.kind not in _NUMERIC_KINDS:
@@ -187,7 +186,8 @@ def train_val_split(
             f"val_fraction={val_fraction} of {n} examples gives {n_val} for validation and "
             f"{n - n_val} for training; each part needs at least one"
         )
-    order = _rng(seed).permutation(n) if _flag(shuffle, "shuffle") else np.arange(n)
+    rng = _rng(seed)
+    order = rng.permutation(n) if _flag(shuffle, "shuffle") else np.arange(n)
     train, val = order[: n - n_val], order[n - n_val :]
     return [part for a in arrays for part in (_take(a, train), _take(a, val))]
 
@@ -227,14 +227,14 @@ class Batch:
         lengths: the int64 (B,) lengths of the sequences in ``x``, or None if none are known.
         y_lengths: the int64 (B,) lengths of the target sequences if ``y`` is a list of
             sequences, else None.
-        index: the int64 (B,) positions of these examples in the dataset.
+        index: the int64 (B,) positions of these examples in the dataset (None if built by hand).
     """
 
     x: Array
-    y: Array | None
-    lengths: IntArray | None
-    y_lengths: IntArray | None
-    index: IntArray
+    y: Array | None = None
+    lengths: IntArray | None = None
+    y_lengths: IntArray | None = None
+    index: IntArray | None = None
 
 
 @dataclass(frozen=True)
@@ -309,11 +309,13 @@ class BatchIterator:
 
     def _batch(self, idx: IntArray) -> Batch:
         lengths: IntArray | None
+        steps = slice(None)
         if isinstance(self._x, _Sequences):
             x, lengths = self._x.take(idx)
         else:
             lengths = None if self._lengths is None else self._lengths[idx]
-            steps = slice(int(lengths.max())) if self._trim_x and lengths is not None else slice(None)
+            if self._trim_x and lengths is not None:
+                steps = slice(int(lengths.max()))
             x = self._x[idx, steps] if self._trim_x else self._x[idx]
         y: Array | None = None
         y_lengths: IntArray | None = None
@@ -404,5 +406,7 @@ def _column(data: Any, name: str) -> Array | _Sequences:
             f"{name} must be a NumPy array (N, ...) or a list of sequences; got {type(data).__name__}"
         )
     if data.ndim == 0 or data.shape[0] == 0:
-        raise ValueError(f"{name} must hold at least one example along its first axis; got shape {data.shape}")
+        raise ValueError(
+            f"{name} must hold at least one example along its first axis; got shape {data.shape}"
+        )
     return data

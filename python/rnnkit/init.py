@@ -17,7 +17,6 @@ from typing import Any, TypeVar
 import numpy as np
 import numpy.typing as npt
 
-from rnnkit.layers.recurrent import LSTM, _Recurrent
 from rnnkit.module import Module
 
 Array = npt.NDArray[Any]
@@ -320,6 +319,8 @@ def init_recurrent(
         "bias_ih": _kind(bias, "bias", _BIAS_KINDS),
         "bias_hh": _kind(bias, "bias", _BIAS_KINDS),
     }
+    from rnnkit.layers.recurrent import LSTM, _Recurrent  # here: the layers import this module
+
     layers = [m for _, m in module.named_modules() if isinstance(m, _Recurrent)]
     if not layers:
         raise ValueError(f"module has no RNN, LSTM or GRU layer to initialise: {type(module).__name__}")
