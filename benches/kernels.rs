@@ -161,6 +161,7 @@ impl Problem {
             &mut self.dh0,
             &mut self.dc0,
             &mut grads,
+            None,
         )
         .expect("backward");
         black_box((&self.dx, &self.grads.w_hh));

@@ -389,12 +389,17 @@ fn backward_t<'py, T: Wrap>(
     dhn: Option<&Bound<'py, PyAny>>,
     dcn: Option<&Bound<'py, PyAny>>,
     grads: &Bound<'py, PyAny>,
+    dh_out: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<BackwardOut<'py>> {
     let params = borrow_params::<T>(weights, "weights")?;
     let dya = readonly::<T>(dy, "dy", 3)?;
     let dhna = opt::<T>(dhn, "dhn", 3)?;
     let dcna = opt::<T>(dcn, "dcn", 3)?;
     let mut gbufs = param_tuples(grads, "grads", |a, n, nd| readwrite::<T>(a, &n(), nd))?;
+    let mut dh_outa = match dh_out {
+        Some(o) if !o.is_none() => Some(readwrite::<T>(o, "dh_out", 3)?),
+        _ => None,
+    };
     // The tape is used up only when backward succeeds, so that a rejected call can be retried.
     // try_lock: a second thread must not wait for the lock while holding the GIL.
     let mut guard = tape
@@ -420,6 +425,15 @@ fn backward_t<'py, T: Wrap>(
             want,
             dya.shape()
         )));
+    }
+    if let Some(a) = &dh_outa {
+        if a.shape() != want {
+            return Err(value_err(format!(
+                "dh_out must have shape {:?} (the shape of y); got {:?}",
+                want,
+                a.shape()
+            )));
+        }
     }
     for (name, a) in [("dhn", &dhna), ("dcn", &dcna)] {
         if let Some(a) = a {
@@ -469,7 +483,8 @@ fn backward_t<'py, T: Wrap>(
             dxw.as_slice_mut().expect("new array"),
             dhw.as_slice_mut().expect("new array"),
         );
-        py.detach(|| sweep::backward(typed, &w, dys, dhns, dcns, dxs, dhs, dcs, &mut gs))?;
+        let dh_seq = dh_outa.as_mut().map(|a| a.as_slice_mut().expect("checked"));
+        py.detach(|| sweep::backward(typed, &w, dys, dhns, dcns, dxs, dhs, dcs, &mut gs, dh_seq))?;
     }
     *guard = None;
     Ok((dx.into_any(), dh0.into_any(), dc0.map(|c| c.into_any())))
@@ -478,9 +493,10 @@ fn backward_t<'py, T: Wrap>(
 /// Backpropagate through the layer recorded in `tape` (consumed).
 ///
 /// `grads` (one 4-tuple per direction, shaped like the weights) are added to in place.
+/// If `dh_out` (shaped like y) is given, it receives dL/dh_t at every step.
 /// Returns `(dx, dh0, dc0)`; `dc0` is None unless the layer is an LSTM.
 #[pyfunction]
-#[pyo3(signature = (tape, weights, dy, dhn=None, dcn=None, *, grads))]
+#[pyo3(signature = (tape, weights, dy, dhn=None, dcn=None, *, grads, dh_out=None))]
 fn backward<'py>(
     py: Python<'py>,
     tape: &Bound<'py, PyTape>,
@@ -489,11 +505,12 @@ fn backward<'py>(
     dhn: Option<&Bound<'py, PyAny>>,
     dcn: Option<&Bound<'py, PyAny>>,
     grads: &Bound<'py, PyAny>,
+    dh_out: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<BackwardOut<'py>> {
     let t = tape.get();
     match t.dtype {
-        "float32" => backward_t::<f32>(py, t, weights, dy, dhn, dcn, grads),
-        _ => backward_t::<f64>(py, t, weights, dy, dhn, dcn, grads),
+        "float32" => backward_t::<f32>(py, t, weights, dy, dhn, dcn, grads, dh_out),
+        _ => backward_t::<f64>(py, t, weights, dy, dhn, dcn, grads, dh_out),
     }
 }
 

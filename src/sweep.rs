@@ -733,6 +733,8 @@ impl<C: Cell, T: Float> Kernel for FwdStep<'_, '_, C, T> {
 /// it is spent). `dy` is (T*B, D*H) in the layer's row order;
 /// `dhn`, `dcn` the gradients of the final states (D, B, H). Writes `dx` (T*B, I), `dh0` and
 /// `dc0` (D, B, H; `dc0` empty unless LSTM) and adds the parameter gradients to `grads`.
+/// If given, `dh_seq` (shaped like `dy`) receives dL/dh_t at every step: `dy` plus what reaches
+/// h_t through the recurrence (zero at padded steps), the quantity that vanishes or explodes.
 #[allow(clippy::too_many_arguments)]
 pub fn backward<T: Float>(
     tape: &Tape<T>,
@@ -744,6 +746,7 @@ pub fn backward<T: Float>(
     dh0: &mut [T],
     dc0: &mut [T],
     grads: &mut [Grads<'_, T>],
+    dh_seq: Option<&mut [T]>,
 ) -> Result<()> {
     let layer = tape.layer;
     let (d, nd) = (layer.dims, layer.directions);
@@ -773,6 +776,9 @@ pub fn backward<T: Float>(
         )));
     }
     expect_len("dx", dx.len(), layer.rows() * d.input, || layer.seq_shape(d.input))?;
+    if let Some(s) = &dh_seq {
+        expect_len("dh_seq", s.len(), dy.len(), || layer.seq_shape(nd * d.hidden))?;
+    }
     expect_len("dh0", dh0.len(), nd * d.batch * d.hidden, || layer.state_shape())?;
     expect_len(
         "dc0",
@@ -799,8 +805,12 @@ pub fn backward<T: Float>(
         .check_weights(&gw)
         .map_err(|e| Error::Shape(format!("gradient buffer: {e}")))?;
 
+    let dh_seq = dh_seq.map(|s| {
+        s.fill(T::ZERO); // padded steps are never written
+        Ptr::new(s)
+    });
     crate::threads::run(
-        |threads| crate::with_cell!(layer.cell, cell: C => backward_impl::<C, T>(cell, tape, weights, dy, dhn, dcn, dx, dh0, dc0, grads, threads)),
+        |threads| crate::with_cell!(layer.cell, cell: C => backward_impl::<C, T>(cell, tape, weights, dy, dhn, dcn, dx, dh0, dc0, grads, dh_seq, threads)),
     )
 }
 
@@ -816,6 +826,7 @@ fn backward_impl<C: Cell, T: Float>(
     dh0: &mut [T],
     dc0: &mut [T],
     grads: &mut [Grads<'_, T>],
+    dh_seq: Option<Ptr<T>>,
     threads: usize,
 ) {
     let layer = &tape.layer;
@@ -854,6 +865,7 @@ fn backward_impl<C: Cell, T: Float>(
             dgh_all: Ptr::new(&mut dgh_all),
             dh0: dh0p.at(dir * bh),
             dc0: dc0p.at(if C::HAS_C { dir * bh } else { 0 }),
+            dh_seq: dh_seq.map(|p| p.at(dir * h)),
         };
         tape.plan
             .for_each_slice(threads, |off, n, gt| sw.backward_slice(off, n, gt, &inp, out));
@@ -924,6 +936,8 @@ struct BwdOut<T> {
     dgh_all: Ptr<T>,
     dh0: Ptr<T>,
     dc0: Ptr<T>,
+    /// dL/dh_t out, laid out like `dy` (this direction's column block), if asked for.
+    dh_seq: Option<Ptr<T>>,
 }
 
 impl<C: Cell, T: Float> Sweep<'_, C, T> {
@@ -1037,10 +1051,18 @@ impl<C: Cell, T: Float> Kernel for BwdStep<'_, '_, C, T> {
             } else {
                 (empty(), &[])
             };
+            let dy = &inp.dy[xr * inp.ldy..][..h];
+            if let Some(p) = out.dh_seq {
+                // SAFETY: this direction's block of row xr belongs to this (t, b) only.
+                let total = unsafe { p.slice(xr * inp.ldy, h) };
+                for ((t, &y), &d) in total.iter_mut().zip(dy).zip(dh.iter()) {
+                    *t = y + d;
+                }
+            }
             // SAFETY: row xr of dgx belongs to this (t, b) only.
             let dgx = unsafe { out.dgx.slice(xr * gh, gh) };
             sw.cell.backward(Bwd {
-                dy: &inp.dy[xr * inp.ldy..][..h],
+                dy,
                 dh,
                 dc,
                 saved: &inp.kept.saved[xr * sv..(xr + 1) * sv],

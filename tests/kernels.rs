@@ -428,6 +428,7 @@ fn run_backward<T: Float>(
         &mut dh0,
         &mut dc0,
         &mut grads,
+        None,
     )
     .unwrap_or_else(|e| panic!("backward failed on {}: {e}", p.describe()));
     drop(grads);
@@ -1350,6 +1351,7 @@ fn backward_rejects_bad_arguments() {
                 &mut a.dh0,
                 &mut a.dc0,
                 &mut grads,
+                None,
             )
         };
         assert!(

@@ -282,3 +282,43 @@ def test_backward_unaffected_by_changing_inputs_after_forward(cell):
             np.testing.assert_array_equal(a, b)
     for k, v in layer.grads.items():
         np.testing.assert_array_equal(v, g1[k], err_msg=k)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_hidden_grads_are_dy_plus_the_gradient_through_the_rest_of_the_sequence(cell):
+    """With retain_hidden_grads, backward keeps dL/dh_t for every t. Check it independently: it is
+    dy_t plus dL/d(initial state) of a forward over steps t+1.. started from (h_t, c_t)."""
+    rng = np.random.default_rng(21)
+    seq_len, hidden = 6, 4
+    layer = make_layer(cell, IN, hidden, 1, dtype=np.float64, seed=3)
+    x = rng.standard_normal((B, seq_len, IN))
+    dy = rng.standard_normal((B, seq_len, hidden))
+    y, _ = layer(x)
+    layer.retain_hidden_grads = True
+    layer.backward(dy)
+    (got,) = layer.hidden_grads
+    assert got.shape == y.shape
+    np.testing.assert_allclose(got[:, -1], dy[:, -1], rtol=0, atol=0)  # nothing after the last step
+    layer.retain_hidden_grads = False
+    for t in range(seq_len - 1):
+        _, state_t = layer(x[:, : t + 1])
+        layer(x[:, t + 1 :], state=state_t)
+        _, dstate = layer.backward(dy[:, t + 1 :])
+        dh_t, _ = split_state(dstate)
+        np.testing.assert_allclose(got[:, t], dy[:, t] + dh_t[0], rtol=1e-12, atol=1e-12)
+    assert layer.hidden_grads == []  # not kept unless asked for
+
+
+def test_hidden_grads_zero_at_padding_and_one_array_per_stacked_layer():
+    rng = np.random.default_rng(22)
+    layer = make_layer("lstm", IN, 3, 2, bidirectional=True, dtype=np.float64, seed=4)
+    lengths = np.array([5, 2, 3])
+    x = rng.standard_normal((B, 5, IN))
+    y, _ = layer(x, lengths=lengths)
+    layer.retain_hidden_grads = True
+    layer.backward(rng.standard_normal(y.shape))
+    assert len(layer.hidden_grads) == 2
+    for g in layer.hidden_grads:
+        assert g.shape == y.shape
+        for b, n in enumerate(lengths):
+            assert not g[b, n:].any() and np.abs(g[b, :n]).min() > 0

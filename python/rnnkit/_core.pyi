@@ -48,6 +48,7 @@ def backward(
     dcn: _Array | None = None,
     *,
     grads: _Params,
+    dh_out: _Array | None = None,
 ) -> tuple[_Array, _Array, _Array | None]: ...
 def step(
     cell: str,

@@ -75,6 +75,12 @@ class _Recurrent(Module):
         # per-layer weight tuples can be built once.
         self._step_weights = [self._weights(k)[0] for k in range(self.num_layers)]
         self._masks: list[Array | None] = []
+        #: Set True to keep dL/dh_t of every step in :attr:`hidden_grads` at each backward.
+        self.retain_hidden_grads = False
+        #: After a backward with :attr:`retain_hidden_grads`: per stacked layer, dL/dh_t at every
+        #: step, shaped like y (the sum of what arrives from the output and through the
+        #: recurrence; zero at padded steps). Its norm over t shows vanishing or exploding gradients.
+        self.hidden_grads: list[Array] = []
         self._in_shape: tuple[int, ...] = ()
 
     # ------------------------------------------------------------------ structure
@@ -294,8 +300,10 @@ class _Recurrent(Module):
         dh, dc = self._check_state(dstate, batch, "dstate")
         dh0: list[Array] = []
         dc0: list[Array] = []
+        hidden_grads: list[Array] = []
         for layer in reversed(range(self.num_layers)):
             sl = slice(layer * nd, (layer + 1) * nd)
+            dh_out = np.empty_like(dy) if self.retain_hidden_grads else None
             dx, h, c = _core.backward(
                 self._tapes[layer],
                 self._weights(layer),
@@ -303,13 +311,17 @@ class _Recurrent(Module):
                 None if dh is None else np.ascontiguousarray(dh[sl]),
                 None if dc is None else np.ascontiguousarray(dc[sl]),
                 grads=self._grad_buffers(layer),
+                dh_out=dh_out,
             )
+            if dh_out is not None:
+                hidden_grads.insert(0, dh_out)
             dh0.insert(0, h)
             if c is not None:
                 dc0.insert(0, c)
             if layer > 0:
                 mask = self._masks[layer - 1]
                 dy = dx if mask is None else dx * mask
+        self.hidden_grads = hidden_grads
         h_out = np.concatenate(dh0)
         return dx, ((h_out, np.concatenate(dc0)) if self._has_c else h_out)
 
