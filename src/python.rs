@@ -497,6 +497,7 @@ fn backward_t<'py, T: Wrap>(
 /// Returns `(dx, dh0, dc0)`; `dc0` is None unless the layer is an LSTM.
 #[pyfunction]
 #[pyo3(signature = (tape, weights, dy, dhn=None, dcn=None, *, grads, dh_out=None))]
+#[allow(clippy::too_many_arguments)] // the Python signature
 fn backward<'py>(
     py: Python<'py>,
     tape: &Bound<'py, PyTape>,
