@@ -1,4 +1,5 @@
-"""``python -m rnnkit demo``: a short tour of forward, backward and learning with the fused kernels."""
+"""``python -m rnnkit demo``: a character-level language model trained on Python's own documentation;
+``python -m rnnkit bench``: the benchmark against PyTorch and ONNX Runtime."""
 
 from __future__ import annotations
 
@@ -11,60 +12,88 @@ import numpy as np
 import rnnkit
 
 
-def demo(cell: str = "lstm", hidden: int = 64, steps: int = 300, seed: int = 0) -> float:
-    """Train a recurrent layer plus a linear read-out to report, at every step, the input seen
-    ``delay`` steps earlier (a memory task), with Adam on the layer's own gradients.
-    Returns the final mean squared error."""
-    layers = {"lstm": rnnkit.LSTM, "gru": rnnkit.GRU, "rnn": rnnkit.RNN}
-    rng = np.random.default_rng(seed)
-    batch, seq, delay = 32, 30, 3
-    layer = layers[cell](1, hidden, seed=seed)
-    w_out = rng.normal(0, 1 / np.sqrt(hidden), (hidden, 1)).astype(np.float32)
-    b_out = np.zeros(1, np.float32)
-    lr = 0.01
+def demo(
+    cell: str = "lstm",
+    hidden: int = 256,
+    epochs: int = 1,
+    seed: int = 0,
+    max_chars: int | None = None,
+    progress: bool = True,
+) -> dict[str, float]:
+    """Train a character-level language model on the documentation topics that ship with Python
+    (the standard library's ``pydoc_data``), and show perplexity and samples before and after.
+
+    Returns the validation perplexity before and after training and the training time.
+    """
+    from pydoc_data.topics import topics
+
+    text = "".join(topics[k] for k in sorted(topics))[:max_chars]
+    vocab = sorted(set(text))
+    split = int(0.95 * len(text))
+    model = rnnkit.LanguageModel(len(vocab), 64, hidden, cell=cell, vocab=vocab, seed=seed)
+    ids = model.encode(text)
+    train, val = _chunks(ids[:split], SEQ_LEN), _chunks(ids[split:], SEQ_LEN)
     print(
-        f"rnnkit {rnnkit.__version__}: {layer!r}, {layer.num_parameters()} parameters, "
-        f"{rnnkit.get_num_threads()} threads, SIMD {rnnkit.simd_level()}"
+        f"rnnkit {rnnkit.__version__} ({rnnkit.get_num_threads()} threads, SIMD {rnnkit.simd_level()}): "
+        f"a character-level {cell.upper()} language model, {model.num_parameters():,} parameters"
     )
-    print(f"task: y[t] = x[t-{delay}] on batches of {batch} sequences of {seq} steps; Adam lr={lr}")
-    m1 = [np.zeros_like(p) for p in (*layer.params.values(), w_out, b_out)]
-    m2 = [np.zeros_like(p) for p in m1]
+    print(
+        f"text: Python's own documentation topics (pydoc_data), {len(text):,} characters, "
+        f"{len(vocab)} distinct; {train.shape[0]} training sequences of {SEQ_LEN}, "
+        f"{val.shape[0]} for validation"
+    )
+    before = rnnkit.evaluate(model, val, None)["perplexity"]
+    print(f"\nbefore training: validation perplexity {before:.1f} (a uniform guess: {len(vocab)})")
+    print(f"sample: {model.generate(PROMPT, 120, temperature=1.0, seed=seed)!r}\n")
+    opt = rnnkit.optim.Adam(model, lr=3e-3)
+    steps = epochs * -(-train.shape[0] // BATCH) * -(-SEQ_LEN // TBPTT)
+    warmup = min(50, steps // 10)
+    schedule = rnnkit.schedules.CosineWarmup(opt, warmup_steps=warmup, total_steps=steps, min_lr=3e-4)
     start = time.perf_counter()
-    loss = float("nan")
-    for it in range(1, steps + 1):
-        x = rng.uniform(-1, 1, (batch, seq, 1)).astype(np.float32)
-        target = np.zeros_like(x)
-        target[:, delay:] = x[:, :-delay]
-        layer.zero_grad()
-        h, _ = layer(x)
-        pred = h @ w_out + b_out
-        err = pred - target
-        loss = float(np.mean(err**2))
-        dpred = 2 * err / err.size
-        grad_w = h.reshape(-1, hidden).T @ dpred.reshape(-1, 1)
-        grad_b = dpred.sum(axis=(0, 1))
-        layer.backward(dpred @ w_out.T)
-        params = [*layer.params.values(), w_out, b_out]
-        grads = [*layer.grads.values(), grad_w, grad_b]
-        for k, (p, g) in enumerate(zip(params, grads, strict=True)):
-            m1[k] = 0.9 * m1[k] + 0.1 * g
-            m2[k] = 0.999 * m2[k] + 0.001 * g * g
-            step = lr * (m1[k] / (1 - 0.9**it)) / (np.sqrt(m2[k] / (1 - 0.999**it)) + 1e-8)
-            p -= step.astype(p.dtype)
-        if it == 1 or it % 50 == 0:
-            print(f"  step {it:4d}  mse {loss:.4f}  (predicting zeros: {float(np.mean(target**2)):.4f})")
-    print(f"{steps} training steps in {time.perf_counter() - start:.2f} s")
-    return loss
+    history = rnnkit.fit(
+        model,
+        train,
+        epochs=epochs,
+        batch_size=BATCH,
+        tbptt=TBPTT,
+        clip_norm=1.0,
+        optimizer=opt,
+        callbacks=[schedule],
+        validation_data=(val, None),
+        seed=seed,
+        progress=progress,
+    )
+    seconds = time.perf_counter() - start
+    after = history["val_perplexity"][-1]
+    print(f"\nafter {epochs} epoch(s), {seconds:.0f} s: validation perplexity {after:.2f} (was {before:.1f})")
+    for temperature, top_k in ((0.5, None), (0.8, 10)):
+        sample = model.generate(PROMPT, 300, temperature=temperature, top_k=top_k, seed=seed)
+        print(f"\nsample, temperature {temperature}{f', top {top_k}' if top_k else ''}:\n{PROMPT}{sample}")
+    return {"perplexity_before": before, "perplexity_after": after, "seconds": seconds}
+
+
+#: The demo's training setup: sequences of SEQ_LEN characters in batches of BATCH, backpropagated
+#: in chunks of TBPTT steps (the state carries across chunks), and the prompt of the samples.
+SEQ_LEN, BATCH, TBPTT, PROMPT = 128, 32, 64, "The "
+
+
+def _chunks(ids: np.ndarray, length: int) -> np.ndarray:
+    """Consecutive pieces of ``length + 1`` ids (inputs and next-character targets), each piece
+    starting where the previous one's inputs ended."""
+    n = (len(ids) - 1) // length
+    return np.lib.stride_tricks.sliding_window_view(ids, length + 1)[::length][:n].copy()
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m rnnkit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("demo", help="train a small recurrent network on a memory task")
+    d = sub.add_parser("demo", help="train a character-level language model on Python's own documentation")
     d.add_argument("--cell", choices=["lstm", "gru", "rnn"], default="lstm")
-    d.add_argument("--hidden", type=int, default=64)
-    d.add_argument("--steps", type=int, default=300)
+    d.add_argument("--hidden", type=int, default=256, help="hidden size (default 256)")
+    d.add_argument("--epochs", type=int, default=1)
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--max-chars", type=int, default=None, help="train on the first N characters only")
+    d.add_argument("--no-progress", action="store_true", help="no progress bar")
     sub.add_parser(
         "bench",
         help="time rnnkit against PyTorch and ONNX Runtime (options: python -m rnnkit bench --help)",
@@ -77,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         return bench_main(rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    demo(args.cell, args.hidden, args.steps, args.seed)
+    demo(args.cell, args.hidden, args.epochs, args.seed, args.max_chars, not args.no_progress)
     return 0
 
 
