@@ -4,7 +4,7 @@
 //! `faer` for products of a few rows (one time step of a small batch), `gemm` for the rest (the
 //! all-steps input projection, the weight gradients, large batches).
 
-use crate::simd::{dispatch, Float, Kernel};
+use crate::simd::Float;
 use rayon::prelude::*;
 
 /// A read-only strided matrix view: element (i, j) lives at `ptr + i*rs + j*cs`.
@@ -234,69 +234,268 @@ pub fn add_column_sums<T: Float>(out: &mut [T], m: &[T], cols: usize) {
     }
 }
 
-/// Columns of a [`Packed`] panel: the accumulators [`row_times_packed`] keeps in registers.
-const PANEL: usize = 64;
-
-/// A matrix `B` (k x n) copied once into panels of `PANEL` columns, each panel's rows contiguous
-/// (the last panel padded with zeros), for the products `x * B` of one row `x` that a batch-1
-/// sweep does at every step: read in this order, `B` streams from cache with no per-step
-/// packing, about 1.7x faster than the GEMM crates on (1 x 128) * (128 x 512).
-pub struct Packed<T> {
-    k: usize,
-    n: usize,
+/// A matrix `B` (k x n) packed once for the many products `A * B` that share it: the recurrent
+/// weights, multiplied by the state at every time step of a sweep. The GEMM crates repack `B`
+/// inside every call, which at one step per call costs as much as the product for small batches.
+///
+/// Packed layout: panels of [`Float::PANEL`] columns (two AVX2 vectors), each panel's k rows
+/// contiguous, the last panel padded with zeros. The product is computed by a register-blocked
+/// AVX2+FMA kernel: up to six rows of `A` against one panel, twelve accumulators, each element of
+/// the result summed over k in order, so that the result does not depend on the row count, the
+/// thread count or the panel split. Without AVX2+FMA it falls back to [`matmul`] on `B` itself.
+pub struct PackedB<T> {
+    b: Mat<T>,
     data: Vec<T>,
 }
 
-impl<T: Float> Packed<T> {
+// SAFETY: `b` is a read-only view of weights that outlive the sweep using this packing.
+unsafe impl<T: Sync> Send for PackedB<T> {}
+unsafe impl<T: Sync> Sync for PackedB<T> {}
+
+impl<T: Float> PackedB<T> {
     pub fn new(b: Mat<T>) -> Self {
-        let (k, n) = (b.rows, b.cols);
-        let panels = n.div_ceil(PANEL);
-        let mut data = vec![T::ZERO; panels * k * PANEL];
-        for (p, panel) in data.chunks_exact_mut(k * PANEL).enumerate() {
-            for (r, dst) in panel.chunks_exact_mut(PANEL).enumerate() {
-                for (l, d) in dst.iter_mut().enumerate().take(n.saturating_sub(p * PANEL)) {
-                    // SAFETY: (r, p*PANEL + l) is inside the view (l < n - p*PANEL).
-                    *d = unsafe { *b.ptr.offset(r as isize * b.rs + (p * PANEL + l) as isize * b.cs) };
+        let (k, n, nr) = (b.rows, b.cols, T::PANEL);
+        let mut data = Vec::new();
+        if T::panel_kernel().is_some() {
+            data = vec![T::ZERO; n.div_ceil(nr) * k * nr];
+            for (p, panel) in data.chunks_exact_mut(k * nr).enumerate() {
+                for (r, dst) in panel.chunks_exact_mut(nr).enumerate() {
+                    for (l, d) in dst.iter_mut().enumerate().take(n - p * nr) {
+                        // SAFETY: (r, p*nr + l) is inside the view (l < n - p*nr).
+                        *d = unsafe { *b.ptr.offset(r as isize * b.rs + (p * nr + l) as isize * b.cs) };
+                    }
                 }
             }
         }
-        Packed { k, n, data }
+        PackedB { b, data }
     }
 }
 
-/// `y (+)= x * B` for one row `x` (length k) and a packed `B` (k x n).
-pub fn row_times_packed<T: Float>(y: &mut [T], accumulate: bool, x: &[T], b: &Packed<T>) {
-    assert!(x.len() == b.k && y.len() == b.n, "row_times_packed shapes");
-    dispatch(RowTimesPacked { y, accumulate, x, b });
+/// What the packed kernel reads and writes: `c[0..m, panel columns] (+)= a[0..m, 0..k] * B`,
+/// `a` and `c` row-major with leading dimensions `lda`, `ldc`.
+pub struct PanelArgs<T> {
+    pub m: usize,
+    pub k: usize,
+    pub n: usize,
+    pub a: *const T,
+    pub lda: usize,
+    pub b: *const T,
+    pub c: *mut T,
+    pub ldc: usize,
+    pub accumulate: bool,
 }
 
-struct RowTimesPacked<'a, T> {
-    y: &'a mut [T],
-    accumulate: bool,
-    x: &'a [T],
-    b: &'a Packed<T>,
+/// The packed kernel over panels `[p0, p1)`; unsafe: the pointers of `PanelArgs` must be valid
+/// for the shapes it gives, and no one else may touch those columns of `c` meanwhile.
+pub type PanelKernel<T> = unsafe fn(&PanelArgs<T>, usize, usize);
+
+/// `dst (+)= a * B` with `B` packed, on up to `threads` threads (panels split between them).
+pub fn matmul_packed<T: Float>(dst: MatMut<T>, accumulate: bool, a: Mat<T>, b: &PackedB<T>, threads: usize) {
+    assert!(
+        a.rows == dst.rows && b.b.cols == dst.cols && a.cols == b.b.rows,
+        "matmul_packed shapes"
+    );
+    let kernel = match T::panel_kernel() {
+        Some(kernel) if !b.data.is_empty() && a.cs == 1 && dst.cs == 1 => kernel,
+        _ => return matmul(dst, accumulate, a, b.b, threads),
+    };
+    if dst.rows == 0 || dst.cols == 0 {
+        return;
+    }
+    let args = PanelArgs {
+        m: dst.rows,
+        k: a.cols,
+        n: dst.cols,
+        a: a.ptr,
+        lda: a.rs as usize,
+        b: b.data.as_ptr(),
+        c: dst.ptr,
+        ldc: dst.rs as usize,
+        accumulate,
+    };
+    let panels = dst.cols.div_ceil(T::PANEL);
+    if threads > 1 && panels > 1 && dst.rows * dst.cols * a.cols >= PAR_MACS {
+        let per = panels.div_ceil(threads);
+        let args = &args;
+        (0..threads).into_par_iter().for_each(|t| {
+            let (p0, p1) = (t * per, ((t + 1) * per).min(panels));
+            if p0 < p1 {
+                // SAFETY: the shapes were checked; each task writes its own panels' columns.
+                unsafe { kernel(args, p0, p1) }
+            }
+        });
+    } else {
+        // SAFETY: as above, one task.
+        unsafe { kernel(&args, 0, panels) }
+    }
 }
 
-impl<T: Float> Kernel for RowTimesPacked<'_, T> {
-    type Output = ();
-    #[inline(always)]
-    fn run(self) {
-        let k = self.b.k;
-        for (panel, y) in self.b.data.chunks_exact(k * PANEL).zip(self.y.chunks_mut(PANEL)) {
-            let mut acc = [T::ZERO; PANEL];
-            for (row, &xr) in panel.chunks_exact(PANEL).zip(self.x) {
-                let row: &[T; PANEL] = row.try_into().expect("panel row");
-                for l in 0..PANEL {
-                    acc[l] += xr * row[l];
+// SAFETY: the raw pointers are only dereferenced under the contract of `PanelKernel`.
+unsafe impl<T: Sync> Sync for PanelArgs<T> {}
+
+/// The AVX2+FMA packed kernels for f32 (8 lanes) and f64 (4 lanes).
+#[cfg(target_arch = "x86_64")]
+macro_rules! panel_kernel {
+    ($name:ident, $t:ty, $v:ty, $lanes:expr, $zero:ident, $set1:ident, $load:ident, $store:ident, $add:ident, $fma:ident) => {
+        #[target_feature(enable = "avx2,fma")]
+        pub(crate) unsafe fn $name(g: &PanelArgs<$t>, p0: usize, p1: usize) {
+            use std::arch::x86_64::*;
+            const NR: usize = 2 * $lanes;
+
+            /// Rows `[0, MR)` of `a` times `NP` consecutive panels from `bp`.
+            #[inline(always)]
+            unsafe fn micro<const MR: usize, const NP: usize>(
+                g: &PanelArgs<$t>,
+                a: *const $t,
+                c: *mut $t,
+                bp: *const $t,
+                w: usize,
+            ) {
+                unsafe {
+                    let mut accs = [[[$zero(); 2]; NP]; MR];
+                    for p in 0..g.k {
+                        let mut bv = [[$zero(); 2]; NP];
+                        for (j, b) in bv.iter_mut().enumerate() {
+                            let src = bp.add(j * g.k * NR + p * NR);
+                            *b = [$load(src), $load(src.add($lanes))];
+                        }
+                        for (i, acc_i) in accs.iter_mut().enumerate() {
+                            let av: $v = $set1(*a.add(i * g.lda + p));
+                            for j in 0..NP {
+                                acc_i[j][0] = $fma(av, bv[j][0], acc_i[j][0]);
+                                acc_i[j][1] = $fma(av, bv[j][1], acc_i[j][1]);
+                            }
+                        }
+                    }
+                    for (i, acc_i) in accs.iter().enumerate() {
+                        for (j, v) in acc_i.iter().enumerate() {
+                            let row = c.add(i * g.ldc + j * NR);
+                            let cols = w.saturating_sub(j * NR).min(NR);
+                            if cols == NR {
+                                let (mut lo, mut hi) = (v[0], v[1]);
+                                if g.accumulate {
+                                    lo = $add(lo, $load(row));
+                                    hi = $add(hi, $load(row.add($lanes)));
+                                }
+                                $store(row, lo);
+                                $store(row.add($lanes), hi);
+                            } else {
+                                let mut tmp = [0.0 as $t; NR];
+                                $store(tmp.as_mut_ptr(), v[0]);
+                                $store(tmp.as_mut_ptr().add($lanes), v[1]);
+                                for (l, &t) in tmp.iter().enumerate().take(cols) {
+                                    *row.add(l) = if g.accumulate { *row.add(l) + t } else { t };
+                                }
+                            }
+                        }
+                    }
                 }
             }
-            if self.accumulate {
-                for (d, &v) in y.iter_mut().zip(&acc) {
-                    *d += v;
+
+            unsafe {
+                let mut p = p0;
+                // One row (a batch-1 sweep): four panels at a time, for eight accumulators.
+                while g.m == 1 && p + 4 <= p1 {
+                    micro::<1, 4>(g, g.a, g.c.add(p * NR), g.b.add(p * g.k * NR), g.n - p * NR);
+                    p += 4;
                 }
-            } else {
-                y.copy_from_slice(&acc[..y.len()]);
+                for p in p..p1 {
+                    let (bp, c, w) = (g.b.add(p * g.k * NR), g.c.add(p * NR), (g.n - p * NR).min(NR));
+                    let mut i = 0;
+                    while i + 6 <= g.m {
+                        micro::<6, 1>(g, g.a.add(i * g.lda), c.add(i * g.ldc), bp, w);
+                        i += 6;
+                    }
+                    let (a, c) = (g.a.add(i * g.lda), c.add(i * g.ldc));
+                    match g.m - i {
+                        5 => micro::<5, 1>(g, a, c, bp, w),
+                        4 => micro::<4, 1>(g, a, c, bp, w),
+                        3 => micro::<3, 1>(g, a, c, bp, w),
+                        2 => micro::<2, 1>(g, a, c, bp, w),
+                        1 => micro::<1, 1>(g, a, c, bp, w),
+                        _ => {}
+                    }
+                }
             }
         }
+    };
+}
+
+#[cfg(target_arch = "x86_64")]
+panel_kernel!(
+    panel_f32,
+    f32,
+    __m256,
+    8,
+    _mm256_setzero_ps,
+    _mm256_set1_ps,
+    _mm256_loadu_ps,
+    _mm256_storeu_ps,
+    _mm256_add_ps,
+    _mm256_fmadd_ps
+);
+#[cfg(target_arch = "x86_64")]
+panel_kernel!(
+    panel_f64,
+    f64,
+    __m256d,
+    4,
+    _mm256_setzero_pd,
+    _mm256_set1_pd,
+    _mm256_loadu_pd,
+    _mm256_storeu_pd,
+    _mm256_add_pd,
+    _mm256_fmadd_pd
+);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `c (+)= a * b` by `matmul_packed` against a plain triple loop in f64.
+    fn check_one<T: Float>(m: usize, k: usize, n: usize, tol: f64) {
+        let value = |i: usize, p: usize, q: usize| T::from_f64(((i * p % q) as f64 - (q / 2) as f64) / q as f64);
+        let a: Vec<T> = (0..m * k).map(|i| value(i, 7, 13)).collect();
+        let bt: Vec<T> = (0..n * k).map(|i| value(i, 5, 11)).collect();
+        let packed = PackedB::new(Mat::new(&bt, n, k, k).t()); // B is (k x n), column stride k
+        for accumulate in [false, true] {
+            for threads in [1, 2] {
+                let init: Vec<T> = (0..m * n).map(|i| T::from_f64(i as f64 * 0.01)).collect();
+                let mut c = init.clone();
+                let dst = MatMut::new(&mut c, m, n, n);
+                matmul_packed(dst, accumulate, Mat::new(&a, m, k, k), &packed, threads);
+                for i in 0..m {
+                    for j in 0..n {
+                        let mut want = if accumulate { init[i * n + j].to_f64() } else { 0.0 };
+                        for p in 0..k {
+                            want += a[i * k + p].to_f64() * bt[j * k + p].to_f64();
+                        }
+                        let got = c[i * n + j].to_f64();
+                        let ok = (got - want).abs() <= tol * (1.0 + want.abs());
+                        assert!(ok, "m={m} k={k} n={n} ({i},{j}): {got} vs {want}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Every row remainder of the six-row blocks, column counts around the panel width, the
+    /// batch-1 four-panel path, a transposed `B` view, both accumulate modes, one and two
+    /// threads; the last case is large enough (>= PAR_MACS) to split its panels between threads.
+    fn check<T: Float>(tol: f64) {
+        for m in [1, 2, 5, 6, 7, 13] {
+            for k in [1, 3, 17] {
+                for n in [1, 5, 8, 16, 17, 33, 70, 130] {
+                    check_one::<T>(m, k, n, tol);
+                }
+            }
+        }
+        check_one::<T>(7, 64, 600, tol);
+    }
+
+    #[test]
+    fn packed_product_matches_a_plain_loop() {
+        check::<f32>(1e-5);
+        check::<f64>(1e-13);
     }
 }

@@ -45,6 +45,10 @@ pub trait Float:
             self
         }
     }
+    /// Columns of a packed GEMM panel (two AVX2 vectors; see `gemm::PackedB`).
+    const PANEL: usize;
+    /// The packed GEMM kernel, where the CPU (and `RNNKIT_SIMD`) allows AVX2+FMA.
+    fn panel_kernel() -> Option<crate::gemm::PanelKernel<Self>>;
     /// `a * b + c`, unfused: a fused multiply-add would be a slow libm call in the baseline
     /// (pre-FMA) copy of the kernels, and the pointwise math does not need the extra precision.
     #[inline(always)]
@@ -107,6 +111,14 @@ fn tanh_f32(x: f32) -> f32 {
 impl Float for f32 {
     const ZERO: Self = 0.0;
     const ONE: Self = 1.0;
+    const PANEL: usize = 16;
+    fn panel_kernel() -> Option<crate::gemm::PanelKernel<Self>> {
+        #[cfg(target_arch = "x86_64")]
+        if level() >= Level::Avx2 {
+            return Some(crate::gemm::panel_f32);
+        }
+        None
+    }
     const NAME: &'static str = "float32";
     #[inline(always)]
     fn from_f64(v: f64) -> Self {
@@ -131,6 +143,14 @@ impl Float for f32 {
 impl Float for f64 {
     const ZERO: Self = 0.0;
     const ONE: Self = 1.0;
+    const PANEL: usize = 8;
+    fn panel_kernel() -> Option<crate::gemm::PanelKernel<Self>> {
+        #[cfg(target_arch = "x86_64")]
+        if level() >= Level::Avx2 {
+            return Some(crate::gemm::panel_f64);
+        }
+        None
+    }
     const NAME: &'static str = "float64";
     #[inline(always)]
     fn from_f64(v: f64) -> Self {

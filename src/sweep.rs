@@ -20,7 +20,7 @@
 
 use crate::cells::{Bwd, Cell, CellKind, Fwd};
 use crate::error::{Error, Result};
-use crate::gemm::{add_column_sums, matmul, row_times_packed, Mat, MatMut, Packed};
+use crate::gemm::{add_column_sums, matmul, matmul_packed, Mat, MatMut, PackedB};
 use crate::simd::{dispatch, Float, Kernel};
 use rayon::prelude::*;
 use std::borrow::Cow;
@@ -523,11 +523,13 @@ fn forward_impl<C: Cell, T: Float>(
             hprev: vec![T::ZERO; rows * h],
         });
         let keep = tape.as_mut().map(|t| (Ptr::new(&mut t.saved), Ptr::new(&mut t.hprev)));
+        let w_hh = PackedB::new(Mat::new(w.w_hh, gh, h, h).t());
         let sw = Sweep {
             cell,
             layer,
             plan: &plan,
             w: &w,
+            w_hh: &w_hh,
             reverse: dir == 1,
         };
         // Direction `dir` owns columns [dir*H, (dir+1)*H) of y and block `dir` of hn / cn; the
@@ -561,6 +563,8 @@ struct Sweep<'a, C, T> {
     layer: &'a Layer,
     plan: &'a Plan,
     w: &'a Weights<'a, T>,
+    /// W_hh packed once per sweep for the per-step products: W_hh^T forward, W_hh backward.
+    w_hh: &'a PackedB<T>,
     reverse: bool,
 }
 
@@ -607,23 +611,18 @@ impl<C: Cell, T: Float> Sweep<'_, C, T> {
                 ca[r * ch..(r + 1) * ch].copy_from_slice(&c0[b * ch..(b + 1) * ch]);
             }
         }
-        // A slice of one sequence multiplies one row by W_hh^T at every step: pack it once.
-        let packed = (n == 1).then(|| Packed::new(Mat::new(self.w.w_hh, gh, h, h).t()));
         let mut active = n;
         for s in 0..lens[0] {
             while lens[active - 1] <= s {
                 active -= 1;
             }
-            match &packed {
-                Some(p) => row_times_packed(&mut hw, false, &ha, p),
-                None => matmul(
-                    MatMut::new(&mut hw, active, gh, gh),
-                    false,
-                    Mat::new(&ha, active, h, h),
-                    Mat::new(self.w.w_hh, gh, h, h).t(),
-                    gt,
-                ),
-            }
+            matmul_packed(
+                MatMut::new(&mut hw, active, gh, gh),
+                false,
+                Mat::new(&ha, active, h, h),
+                self.w_hh,
+                gt,
+            );
             split_rows(
                 active,
                 gh,
@@ -844,11 +843,13 @@ fn backward_impl<C: Cell, T: Float>(
         } else {
             Vec::new()
         };
+        let w_hh = PackedB::new(Mat::new(w.w_hh, gh, h, h));
         let sw = Sweep {
             cell,
             layer,
             plan: &tape.plan,
             w,
+            w_hh: &w_hh,
             reverse: dir == 1,
         };
         let inp = BwdIn {
@@ -961,7 +962,6 @@ impl<C: Cell, T: Float> Sweep<'_, C, T> {
                 dc[r * ch..(r + 1) * ch].copy_from_slice(&s[b * ch..(b + 1) * ch]);
             }
         }
-        let packed = (n == 1).then(|| Packed::new(Mat::new(self.w.w_hh, gh, h, h)));
         let mut active = 0;
         for s in (0..lens[0]).rev() {
             while active < n && lens[active] > s {
@@ -988,16 +988,13 @@ impl<C: Cell, T: Float> Sweep<'_, C, T> {
                     })
                 },
             );
-            match &packed {
-                Some(p) => row_times_packed(&mut dh, true, &dgh, p),
-                None => matmul(
-                    MatMut::new(&mut dh, active, h, h),
-                    true,
-                    Mat::new(&dgh, active, gh, gh),
-                    Mat::new(self.w.w_hh, gh, h, h),
-                    gt,
-                ),
-            }
+            matmul_packed(
+                MatMut::new(&mut dh, active, h, h),
+                true,
+                Mat::new(&dgh, active, gh, gh),
+                self.w_hh,
+                gt,
+            );
         }
         for (r, &b) in perm.iter().enumerate() {
             // SAFETY: row b of dh0 / dc0 belongs to this sequence only.
