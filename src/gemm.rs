@@ -56,6 +56,12 @@ impl<T> Mat<T> {
             cs: 1,
         }
     }
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
     /// The transpose (no copy).
     pub fn t(self) -> Self {
         Mat {

@@ -4,6 +4,7 @@
 
 use crate::cells::CellKind;
 use crate::error::Error;
+use crate::gemm::{matmul, Mat, MatMut};
 use crate::simd::Float;
 use crate::sweep::{self, Dims, Grads, Layer, Layout, Tape, Weights};
 use numpy::{
@@ -623,6 +624,64 @@ fn step<'py>(
     }
 }
 
+fn matmul_t<T: Wrap>(
+    py: Python<'_>,
+    a: &Bound<'_, PyAny>,
+    b: &Bound<'_, PyAny>,
+    out: &Bound<'_, PyAny>,
+    trans: (bool, bool),
+    accumulate: bool,
+) -> PyResult<()> {
+    let (aa, ba) = (readonly::<T>(a, "a", 2)?, readonly::<T>(b, "b", 2)?);
+    let mut oa = readwrite::<T>(out, "out", 2)?;
+    let view = |arr: &PyReadonlyArrayDyn<'_, T>, t: bool| {
+        let (r, c) = (arr.shape()[0], arr.shape()[1]);
+        let m = Mat::new(slice(arr), r, c, c.max(1));
+        if t {
+            m.t()
+        } else {
+            m
+        }
+    };
+    let (am, bm) = (view(&aa, trans.0), view(&ba, trans.1));
+    let (m, k, n) = (am.rows(), am.cols(), bm.cols());
+    if bm.rows() != k {
+        return Err(value_err(format!(
+            "the inner dimensions differ: op(a) is {m}x{k}, op(b) is {}x{n}",
+            bm.rows()
+        )));
+    }
+    if oa.shape() != [m, n] {
+        return Err(value_err(format!(
+            "out must have shape ({m}, {n}); got {:?}",
+            oa.shape()
+        )));
+    }
+    let dst = MatMut::new(oa.as_slice_mut().expect("checked C-contiguous"), m, n, n.max(1));
+    py.detach(|| crate::threads::run(|threads| matmul(dst, accumulate, am, bm, threads)))?;
+    Ok(())
+}
+
+/// `out = op(a) @ op(b)` (or `out += ...` with `accumulate`) for 2-D C-contiguous arrays of one
+/// float dtype, where op transposes when `trans_a` / `trans_b` is set: the products of the Python
+/// layers run on the kernel threads, so NumPy's BLAS threads are not woken beside them.
+#[pyfunction]
+#[pyo3(name = "matmul", signature = (a, b, out, *, trans_a=false, trans_b=false, accumulate=false))]
+fn py_matmul(
+    py: Python<'_>,
+    a: &Bound<'_, PyAny>,
+    b: &Bound<'_, PyAny>,
+    out: &Bound<'_, PyAny>,
+    trans_a: bool,
+    trans_b: bool,
+    accumulate: bool,
+) -> PyResult<()> {
+    match float_kind(a, "a")? {
+        "float32" => matmul_t::<f32>(py, a, b, out, (trans_a, trans_b), accumulate),
+        _ => matmul_t::<f64>(py, a, b, out, (trans_a, trans_b), accumulate),
+    }
+}
+
 /// Use `n` threads for the kernels (1 disables threading).
 #[pyfunction]
 fn set_num_threads(py: Python<'_>, n: i64) -> PyResult<()> {
@@ -657,6 +716,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(forward, m)?)?;
     m.add_function(wrap_pyfunction!(backward, m)?)?;
     m.add_function(wrap_pyfunction!(step, m)?)?;
+    m.add_function(wrap_pyfunction!(py_matmul, m)?)?;
     m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(simd_level, m)?)?;

@@ -50,6 +50,15 @@ def backward(
     grads: _Params,
     dh_out: _Array | None = None,
 ) -> tuple[_Array, _Array, _Array | None]: ...
+def matmul(
+    a: _Array,
+    b: _Array,
+    out: _Array,
+    *,
+    trans_a: bool = False,
+    trans_b: bool = False,
+    accumulate: bool = False,
+) -> None: ...
 def step(
     cell: str,
     x: _Array,

@@ -456,6 +456,8 @@ class Seq2Seq(Module):
     with ``eos_id``. With ``attention`` (default), every decoder step also sees a dot-product
     attention summary of the encoder's outputs (Luong), which is what makes long or reordered
     mappings learnable.
+    The encoder reads left to right; ending each source with an end-of-source token of its own
+    lets it know where the source stops (what a bidirectional encoder would otherwise see).
 
     Args:
         src_vocab_size, tgt_vocab_size: the two vocabularies' sizes.

@@ -148,6 +148,7 @@ class History:
 
             matplotlib.use("Agg")
             import matplotlib.pyplot as plt
+            from matplotlib.ticker import MaxNLocator
         except ImportError as e:
             raise ImportError("History.plot needs matplotlib: pip install matplotlib") from e
         names = [k for k in self.values if not k.startswith("val_") and k not in ("lr", "time")]
@@ -158,6 +159,7 @@ class History:
             if f"val_{name}" in self.values:
                 ax.plot(epochs, self.values[f"val_{name}"], label="validation", marker=".")
             ax.set_xlabel("epoch")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_title(name)
             ax.grid(alpha=0.3)
             ax.legend()
@@ -525,7 +527,7 @@ def _eval_batches(x: Any, y: Any, lengths: Any, batch_size: int) -> Any:
 def evaluate(
     model: Module,
     x: Any,
-    y: Any,
+    y: Any = None,
     lengths: Any = None,
     *,
     batch_size: int = 256,

@@ -9,6 +9,7 @@ from typing import Any, overload
 import numpy as np
 import numpy.typing as npt
 
+from rnnkit import _core
 from rnnkit._checks import FLOAT_DTYPES, float_array, float_dtype, positive_int
 from rnnkit.init import Seed, as_generator, normal_, uniform_
 from rnnkit.module import Module
@@ -109,9 +110,12 @@ class Linear(_Layer):
             raise ValueError(
                 f"x must have shape (..., in_features={self.in_features}); got shape {arr.shape}"
             )
-        y = arr.reshape(-1, self.in_features) @ self._params["weight"].T
+        rows = arr.reshape(-1, self.in_features)
+        y = np.empty((rows.shape[0], self.out_features), dtype=self.dtype)
         if self.bias:
-            y += self._params["bias"]
+            y[...] = self._params["bias"]
+        # On rnnkit's threads: NumPy's BLAS threads would contend with the kernels' on few cores.
+        _core.matmul(rows, self._params["weight"], y, trans_b=True, accumulate=self.bias)
         self._keep(arr)
         return y.reshape(*arr.shape[:-1], self.out_features)
 
@@ -126,10 +130,13 @@ class Linear(_Layer):
         """
         x: Array = self._need()
         rows = _grad_input(dy, (*x.shape[:-1], self.out_features), self.dtype).reshape(-1, self.out_features)
-        self._grads["weight"] += rows.T @ x.reshape(-1, self.in_features)
+        inputs = x.reshape(-1, self.in_features)
+        _core.matmul(rows, inputs, self._grads["weight"], trans_a=True, accumulate=True)
         if self.bias:
             self._grads["bias"] += rows.sum(axis=0)
-        return (rows @ self._params["weight"]).reshape(x.shape)
+        dx = np.empty((rows.shape[0], self.in_features), dtype=self.dtype)
+        _core.matmul(rows, self._params["weight"], dx)
+        return dx.reshape(x.shape)
 
 
 class Embedding(_Layer):
