@@ -12,6 +12,7 @@ __all__ = [
     "forward",
     "backward",
     "step",
+    "matmul",
     "set_num_threads",
     "get_num_threads",
     "simd_level",
