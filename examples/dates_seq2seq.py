@@ -27,14 +27,9 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import importlib.util
-import os
 import time
 from pathlib import Path
 from typing import Any
-
-# The matrices of this model are small: one BLAS thread is faster than several that compete
-# with rnnkit's own kernel threads. Set before NumPy loads; an explicit setting wins.
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import numpy as np
 import numpy.typing as npt

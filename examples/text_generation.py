@@ -31,15 +31,10 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import math
-import os
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
-
-# The matrices of this model are small: one BLAS thread is faster than several that compete
-# with rnnkit's own kernel threads. Set before NumPy loads; an explicit setting wins.
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import numpy as np
 import numpy.typing as npt
@@ -51,28 +46,6 @@ IntArray = npt.NDArray[np.int64]
 
 #: (temperature, top_k) of the samples printed after training.
 SAMPLING = ((0.5, None), (0.8, None), (1.0, None), (1.0, 5))
-
-
-def load_text(max_chars: int | None = None) -> str:
-    """The documentation topics of the standard library's ``pydoc_data``, joined in key order.
-
-    Args:
-        max_chars: keep only the first ``max_chars`` characters (None: all of them).
-
-    Returns:
-        The text.
-    """
-    from pydoc_data.topics import topics
-
-    return "".join(topics[key] for key in sorted(topics))[:max_chars]
-
-
-def windows(ids: IntArray, seq_len: int) -> IntArray:
-    """Consecutive windows of ``seq_len + 1`` token ids, each starting where the previous one's
-    inputs end (so every character is predicted once): (N, seq_len + 1)."""
-    n = (len(ids) - 1) // seq_len
-    out: IntArray = ids[np.arange(n)[:, None] * seq_len + np.arange(seq_len + 1)]
-    return out
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -123,11 +96,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         None without matplotlib).
     """
     args = parse_args(argv)
-    text = load_text(args.chars)
+    text = rnnkit.data.pydoc_text(args.chars)
     vocab = sorted(set(text))
     index = {ch: i for i, ch in enumerate(vocab)}
     ids = np.fromiter((index[ch] for ch in text), dtype=np.int64, count=len(text))
     cut = int(0.9 * len(ids))
+    windows = rnnkit.data.text_windows
     train_x, val_x = windows(ids[:cut], args.seq_len), windows(ids[cut:], args.seq_len)
     print(
         f"text: {len(text)} characters of pydoc_data topics, {len(vocab)} distinct; training on the "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import rnnkit
 from rnnkit.data import BUCKET_WINDOW, Batch, batches, pad_sequences, train_val_split
 
 SEQS = [[1, 2, 3], [4, 5], [6]]
@@ -309,3 +310,24 @@ def test_bucketing_trims_array_x_and_per_step_y(rng):
 def test_batches_errors(args, kwargs, error, match):
     with pytest.raises(error, match=match):
         batches(*args, **kwargs)
+
+
+def test_text_windows_overlap_by_one_and_drop_the_rest():
+    ids = np.arange(10, 21)  # 11 ids: two windows of 5 inputs (+1 target) and one id left over
+    np.testing.assert_array_equal(
+        rnnkit.data.text_windows(ids, 5), [[10, 11, 12, 13, 14, 15], [15, 16, 17, 18, 19, 20]]
+    )
+    np.testing.assert_array_equal(
+        rnnkit.data.text_windows(np.arange(12), 5), rnnkit.data.text_windows(np.arange(11), 5)
+    )
+    with pytest.raises(ValueError, match="seq_len \\+ 1 = 6"):
+        rnnkit.data.text_windows(np.arange(5), 5)
+    with pytest.raises(ValueError, match="integer token ids"):
+        rnnkit.data.text_windows(np.ones(9), 2)
+
+
+def test_pydoc_text_is_the_joined_topics():
+    from pydoc_data.topics import topics
+
+    assert rnnkit.data.pydoc_text(1000) == "".join(topics[k] for k in sorted(topics))[:1000]
+    assert len(rnnkit.data.pydoc_text()) > 400_000

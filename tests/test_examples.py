@@ -152,20 +152,6 @@ def test_dates_seq2seq_smoke(tmp_path):
         assert figures["plot"].stat().st_size > 1000
 
 
-def test_text_generation_windows():
-    example = _load_example("text_generation")
-    ids = np.arange(10, 21)  # 11 ids: two windows of 5 inputs (+1 target) and one id left over
-    np.testing.assert_array_equal(
-        example.windows(ids, 5), [[10, 11, 12, 13, 14, 15], [15, 16, 17, 18, 19, 20]]
-    )
-    np.testing.assert_array_equal(example.windows(np.arange(12), 5), example.windows(np.arange(11), 5))
-    from pydoc_data.topics import topics
-
-    text = example.load_text(1000)
-    assert len(text) == 1000
-    assert text == "".join(topics[k] for k in sorted(topics))[:1000]
-
-
 def test_text_generation_smoke(tmp_path):
     example = _load_example("text_generation")
     figures = example.main(["--smoke", "--out", str(tmp_path), "--keep-model"])

@@ -7,8 +7,6 @@ import argparse
 import sys
 import time
 
-import numpy as np
-
 import rnnkit
 
 
@@ -25,14 +23,13 @@ def demo(
 
     Returns the validation perplexity before and after training and the training time.
     """
-    from pydoc_data.topics import topics
-
-    text = "".join(topics[k] for k in sorted(topics))[:max_chars]
+    text = rnnkit.data.pydoc_text(max_chars)
     vocab = sorted(set(text))
     split = int(0.95 * len(text))
     model = rnnkit.LanguageModel(len(vocab), 64, hidden, cell=cell, vocab=vocab, seed=seed)
     ids = model.encode(text)
-    train, val = _chunks(ids[:split], SEQ_LEN), _chunks(ids[split:], SEQ_LEN)
+    windows = rnnkit.data.text_windows
+    train, val = windows(ids[:split], SEQ_LEN), windows(ids[split:], SEQ_LEN)
     print(
         f"rnnkit {rnnkit.__version__} ({rnnkit.get_num_threads()} threads, SIMD {rnnkit.simd_level()}): "
         f"a character-level {cell.upper()} language model, {model.num_parameters():,} parameters"
@@ -75,13 +72,6 @@ def demo(
 #: The demo's training setup: sequences of SEQ_LEN characters in batches of BATCH, backpropagated
 #: in chunks of TBPTT steps (the state carries across chunks), and the prompt of the samples.
 SEQ_LEN, BATCH, TBPTT, PROMPT = 128, 32, 64, "The "
-
-
-def _chunks(ids: np.ndarray, length: int) -> np.ndarray:
-    """Consecutive pieces of ``length + 1`` ids (inputs and next-character targets), each piece
-    starting where the previous one's inputs ended."""
-    n = (len(ids) - 1) // length
-    return np.lib.stride_tricks.sliding_window_view(ids, length + 1)[::length][:n].copy()
 
 
 def main(argv: list[str] | None = None) -> int:

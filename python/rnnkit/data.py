@@ -4,6 +4,8 @@
 * :func:`train_val_split` splits arrays (or lists of sequences) into training and validation parts.
 * :func:`batches` iterates over a dataset in shuffled mini-batches, one epoch per ``iter()``,
   padding variable-length sequences per batch and optionally grouping similar lengths together.
+* :func:`text_windows` cuts a long token stream into language-model training windows, and
+  :func:`pydoc_text` is a text every Python ships (its documentation topics), for demos and tests.
 """
 
 from __future__ import annotations
@@ -24,6 +26,44 @@ IntArray = npt.NDArray[np.int64]
 BUCKET_WINDOW = 50
 
 _NUMERIC_KINDS = "biufc"
+
+
+# ---------------------------------------------------------------------- text
+
+
+def pydoc_text(max_chars: int | None = None) -> str:
+    """The documentation topics of the standard library's ``pydoc_data`` (what ``help()`` shows for
+    keywords and statements: about 465,000 characters of English and code), joined in key order.
+
+    Args:
+        max_chars: keep only the first ``max_chars`` characters (None: all).
+    """
+    from pydoc_data.topics import topics
+
+    return "".join(topics[key] for key in sorted(topics))[:max_chars]
+
+
+def text_windows(ids: Any, seq_len: int) -> IntArray:
+    """Consecutive windows of ``seq_len + 1`` token ids, each starting where the previous one's
+    inputs end, so that every token but the first is predicted exactly once: (N, seq_len + 1),
+    for :class:`~rnnkit.LanguageModel` (inputs ``w[:-1]``, targets ``w[1:]``). Ids left over at
+    the end are dropped.
+
+    Args:
+        ids: a 1-D sequence of integer token ids.
+        seq_len: the inputs per window.
+    """
+    arr = np.asarray(ids)
+    if arr.ndim != 1 or arr.dtype.kind not in "iu":
+        raise ValueError(
+            f"ids must be a 1-D array of integer token ids; got {arr.dtype} of shape {arr.shape}"
+        )
+    seq_len = positive_int(seq_len, "seq_len")
+    n = (arr.size - 1) // seq_len
+    if n < 1:
+        raise ValueError(f"ids has {arr.size} tokens; a window needs seq_len + 1 = {seq_len + 1}")
+    out: IntArray = arr.astype(np.int64)[np.arange(n)[:, None] * seq_len + np.arange(seq_len + 1)]
+    return out
 
 
 # ---------------------------------------------------------------------- padding

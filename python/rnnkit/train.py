@@ -467,9 +467,11 @@ def fit(
                         raise TrainingDiverged(_diverged("loss", value, state, opt), history)
                     model.backward(grad)
                     if clip_norm is not None:
-                        norm = clip_grad_norm(model, clip_norm)
-                        if not math.isfinite(norm):
-                            raise TrainingDiverged(_diverged("gradient norm", norm, state, opt), history)
+                        try:
+                            clip_grad_norm(model, clip_norm, error_if_nonfinite=True)
+                        except FloatingPointError as e:
+                            message = _diverged("gradient norm", "not finite", state, opt)
+                            raise TrainingDiverged(message, history) from e
                     opt.step()
                     carried = getattr(model, "final_state", None)
                     state.step += 1
@@ -512,7 +514,7 @@ def _fmt(key: str, value: float) -> str:
     return f"{key} {value:.4f}"
 
 
-def _diverged(what: str, value: float, state: FitState, opt: Optimizer) -> str:
+def _diverged(what: str, value: object, state: FitState, opt: Optimizer) -> str:
     return (
         f"training stopped: the {what} became {value} at epoch {state.epoch}, step {state.step + 1}. "
         f"Try a lower learning rate (now {opt.lr:g}), gradient clipping (fit(..., clip_norm=1.0)), "
