@@ -13,7 +13,7 @@ import rnnkit
 def demo(
     cell: str = "lstm",
     hidden: int = 256,
-    epochs: int = 1,
+    epochs: int = 5,
     seed: int = 0,
     max_chars: int | None = None,
     progress: bool = True,
@@ -63,7 +63,7 @@ def demo(
     seconds = time.perf_counter() - start
     after = history["val_perplexity"][-1]
     print(f"\nafter {epochs} epoch(s), {seconds:.0f} s: validation perplexity {after:.2f} (was {before:.1f})")
-    for temperature, top_k in ((0.5, None), (0.8, 10)):
+    for temperature, top_k in ((0.7, None), (1.0, 10)):
         sample = model.generate(PROMPT, 300, temperature=temperature, top_k=top_k, seed=seed)
         print(f"\nsample, temperature {temperature}{f', top {top_k}' if top_k else ''}:\n{PROMPT}{sample}")
     return {"perplexity_before": before, "perplexity_after": after, "seconds": seconds}
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     d = sub.add_parser("demo", help="train a character-level language model on Python's own documentation")
     d.add_argument("--cell", choices=["lstm", "gru", "rnn"], default="lstm")
     d.add_argument("--hidden", type=int, default=256, help="hidden size (default 256)")
-    d.add_argument("--epochs", type=int, default=1)
+    d.add_argument("--epochs", type=int, default=5)
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--max-chars", type=int, default=None, help="train on the first N characters only")
     d.add_argument("--no-progress", action="store_true", help="no progress bar")
