@@ -280,7 +280,7 @@ impl Plan {
 
 /// A step's pointwise pass is split across the threads from this many gate values on (below,
 /// waking a thread costs more than it saves).
-const PAR_POINTWISE: usize = 1 << 14;
+const PAR_POINTWISE: usize = 1 << 12;
 
 /// Run a step's pointwise pass `f(r0, r1, row blocks)` over the active rows: in one part, or,
 /// when the step is large, in one part per thread. `bufs` are per-row buffers (buffer, row

@@ -167,11 +167,18 @@ def gc_paused() -> Iterator[None]:
             gc.enable()
 
 
+#: Idle seconds before each timed repeat (see `measure`).
+SETTLE = 0.05
+
+
 def measure(runners: dict[str, Runner], timing: Timing) -> dict[str, Stats]:
     """Time every side, round-robin so that the machine's noise falls on all of them alike.
 
     Each side is warmed up and given enough calls per repeat to take `min_repeat_time`; the
     repeat count fits the slowest side's repeats into `budget`, within [min_repeats, max_repeats].
+    Before each repeat the machine is left idle for `SETTLE` seconds: the thread pools of every
+    side (ONNX Runtime's, OpenMP's, rayon's) spin for a while after their work before they sleep,
+    and on two cores a pool still spinning from the previous side would slow the next one.
     """
 
     def repeat(fn: Runner, number: int) -> float:
@@ -188,6 +195,7 @@ def measure(runners: dict[str, Runner], timing: Timing) -> dict[str, Stats]:
         times: dict[str, list[float]] = {side: [] for side in runners}
         for i in range(timing.warmup + repeats):
             for side, fn in runners.items():
+                time.sleep(SETTLE)
                 t = repeat(fn, number[side]) / number[side]
                 if i >= timing.warmup:
                     times[side].append(t)
