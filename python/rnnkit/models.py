@@ -120,7 +120,47 @@ class _Encoder(Module):
         return dx, dstate0
 
 
-class _ManyToOne(Module):
+class _EncoderModel(Module):
+    """A model made of an ``encoder`` (embedding and recurrent layer), ``dropout`` and a linear
+    ``head``; :meth:`_build` makes the three."""
+
+    encoder: _Encoder
+    dropout: Dropout
+    head: Linear
+
+    def _build(
+        self,
+        input_size: int,
+        hidden_size: int,
+        output_size: int,
+        *,
+        vocab_size: int | None,
+        cell: str,
+        num_layers: int,
+        bidirectional: bool,
+        dropout: float,
+        dtype: Any,
+        seed: int | None,
+    ) -> None:
+        """Make ``encoder``, ``dropout`` and a ``head`` to ``output_size``."""
+        s_enc, s_drop, s_head = _seeds(seed, 3)
+        self.encoder = _Encoder(
+            input_size,
+            hidden_size,
+            vocab_size=vocab_size,
+            cell=cell,
+            num_layers=num_layers,
+            bidirectional=bidirectional,
+            dropout=dropout,
+            dtype=dtype,
+            seed=s_enc,
+        )
+        self.dropout = Dropout(dropout, seed=s_drop)
+        output_size = positive_int(output_size, "output_size")
+        self.head = Linear(self.encoder.output_size, output_size, dtype=dtype, seed=s_head)
+
+
+class _ManyToOne(_EncoderModel):
     """Encoder, pooling over time, dropout, linear head: one output vector per sequence."""
 
     takes_lengths = True
@@ -143,18 +183,6 @@ class _ManyToOne(Module):
         seed: int | None = None,
     ) -> None:
         super().__init__()
-        s_enc, s_drop, s_head = _seeds(seed, 3)
-        self.encoder = _Encoder(
-            input_size,
-            hidden_size,
-            vocab_size=vocab_size,
-            cell=cell,
-            num_layers=num_layers,
-            bidirectional=bidirectional,
-            dropout=dropout,
-            dtype=dtype,
-            seed=s_enc,
-        )
         pools: dict[str, Module] = {
             "last": LastStep(bidirectional=bidirectional),
             "mean": MeanPool(),
@@ -162,11 +190,19 @@ class _ManyToOne(Module):
         }
         if pooling not in pools:
             raise ValueError(f"pooling must be one of {sorted(pools)}; got {pooling!r}")
-        self.pool = pools[pooling]
-        self.dropout = Dropout(dropout, seed=s_drop)
-        self.head = Linear(
-            self.encoder.output_size, positive_int(output_size, "output_size"), dtype=dtype, seed=s_head
+        self._build(
+            input_size,
+            hidden_size,
+            output_size,
+            vocab_size=vocab_size,
+            cell=cell,
+            num_layers=num_layers,
+            bidirectional=bidirectional,
+            dropout=dropout,
+            dtype=dtype,
+            seed=seed,
         )
+        self.pool = pools[pooling]
 
     def forward(self, x: Any, lengths: Any = None) -> Array:
         """(B, T, input_size) features or (B, T) token ids, and optional lengths -> (B, output)."""
@@ -218,7 +254,7 @@ class SequenceRegressor(_ManyToOne):
     default_metrics = ("mae", "rmse")
 
 
-class SequenceTagger(Module):
+class SequenceTagger(_EncoderModel):
     """Many-to-many, aligned: one label (logits) or value per step, (B, T, output_size).
 
     The arguments are :class:`SequenceClassifier`'s (no pooling); ``task`` is "classification"
@@ -250,21 +286,17 @@ class SequenceTagger(Module):
             raise ValueError(f"task must be 'classification' or 'regression'; got {task!r}")
         self.default_loss = "cross_entropy" if task == "classification" else "mse"
         self.default_metrics = ("accuracy",) if task == "classification" else ("mae", "rmse")
-        s_enc, s_drop, s_head = _seeds(seed, 3)
-        self.encoder = _Encoder(
+        self._build(
             input_size,
             hidden_size,
+            output_size,
             vocab_size=vocab_size,
             cell=cell,
             num_layers=num_layers,
             bidirectional=bidirectional,
             dropout=dropout,
             dtype=dtype,
-            seed=s_enc,
-        )
-        self.dropout = Dropout(dropout, seed=s_drop)
-        self.head = Linear(
-            self.encoder.output_size, positive_int(output_size, "output_size"), dtype=dtype, seed=s_head
+            seed=seed,
         )
         self.final_state: State | None = None
 
@@ -282,7 +314,7 @@ class SequenceTagger(Module):
         return self.forward(batch.x, batch.lengths, state), batch.y, loss_lengths
 
 
-class LanguageModel(Module):
+class LanguageModel(_EncoderModel):
     """One-to-many: next-token prediction over token ids, and text generation.
 
     Args:
@@ -324,20 +356,18 @@ class LanguageModel(Module):
                 raise ValueError("vocab has repeated tokens; each token must map to one id")
         self.vocab = None if vocab is None else list(vocab)
         self._index = None if vocab is None else {t: i for i, t in enumerate(vocab)}
-        s_enc, s_drop, s_head = _seeds(seed, 3)
-        self.encoder = _Encoder(
+        self._build(
             embedding_dim,
             hidden_size,
+            vocab_size,
             vocab_size=vocab_size,
             cell=cell,
             num_layers=num_layers,
             bidirectional=False,
             dropout=dropout,
             dtype=dtype,
-            seed=s_enc,
+            seed=seed,
         )
-        self.dropout = Dropout(dropout, seed=s_drop)
-        self.head = Linear(hidden_size, vocab_size, dtype=dtype, seed=s_head)
         self.final_state: State | None = None
 
     @property
