@@ -466,13 +466,14 @@ def test_step_and_exponential_by_hand():
 def test_cosine_warmup_by_hand():
     opt = sgd(1.0)
     sched = CosineWarmup(opt, warmup_steps=4, total_steps=12, min_lr=0.1)
-    assert sched.interval == "step" and opt.lr == 0.0
+    assert sched.interval == "step" and opt.lr == 0.25  # the first update already moves
     lrs = lrs_after(sched, 20)
-    assert lrs[1] == pytest.approx(0.5) and lrs[3] == pytest.approx(1.0)
+    assert lrs[0] == pytest.approx(0.5) and lrs[1] == pytest.approx(0.75)
+    assert lrs[2] == pytest.approx(1.0) and lrs[3] == pytest.approx(1.0)
     assert lrs[7] == pytest.approx(0.55)  # halfway through the cosine: min + (base - min)/2
     assert lrs[5] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 4)))
     assert lrs[11] == pytest.approx(0.1) and lrs[19] == pytest.approx(0.1)
-    assert np.all(np.diff(lrs[:4]) > 0) and np.all(np.diff(lrs[3:12]) < 0)
+    assert np.all(np.diff(lrs[:3]) > 0) and np.all(np.diff(lrs[3:12]) < 0)
     no_warmup = sgd(1.0)
     CosineWarmup(no_warmup, warmup_steps=0, total_steps=10)
     assert no_warmup.lr == 1.0

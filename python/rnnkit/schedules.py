@@ -128,12 +128,12 @@ class ExponentialLR(Schedule):
 
 
 class CosineWarmup(Schedule):
-    """Linear warm-up from 0 to the base learning rate, then cosine decay to ``min_lr``.
+    """Linear warm-up to the base learning rate, then cosine decay to ``min_lr``.
 
-    After ``t`` steps the rate is ``base * t / warmup_steps`` for ``t < warmup_steps``, then
+    After ``t`` steps the rate is ``base * (t + 1) / warmup_steps`` for ``t < warmup_steps`` (so the
+    first update already moves, at ``base / warmup_steps``), then
     ``min_lr + (base - min_lr) * (1 + cos(pi * (t - warmup_steps) / (total_steps - warmup_steps))) / 2``
-    up to ``total_steps``, and ``min_lr`` after. Creating the schedule sets the rate for ``t = 0``
-    (0 when there is a warm-up).
+    up to ``total_steps``, and ``min_lr`` after. Creating the schedule sets the rate for ``t = 0``.
 
     Args:
         optimizer: The optimizer to schedule; its current ``lr`` is the peak.
@@ -160,7 +160,7 @@ class CosineWarmup(Schedule):
     def _next_lr(self, lr: float, metric: float | None) -> float:
         t = self.last_step
         if t < self.warmup_steps:
-            return self.base_lr * t / self.warmup_steps
+            return self.base_lr * (t + 1) / self.warmup_steps
         progress = min(1.0, (t - self.warmup_steps) / (self.total_steps - self.warmup_steps))
         return self.min_lr + (self.base_lr - self.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
