@@ -117,6 +117,9 @@ impl<T> MatMut<T> {
 /// Products with at most this many rows go to faer (single-threaded: it is at its best there,
 /// and at batch 1 the two crates tie).
 const FAER_MAX_ROWS: usize = 32;
+/// Products of at most this many rows with a `b` whose columns are contiguous (`x W^T` with `W`
+/// row-major) go to the dot-product kernel: it reads `W` once per row, with no packing.
+const DOT_MAX_ROWS: usize = 2;
 
 /// Column width of the blocks a few-row product is cut into.
 const FAER_COL_BLOCK: usize = 128;
@@ -178,6 +181,23 @@ pub fn matmul<T: Float>(dst: MatMut<T>, accumulate: bool, a: Mat<T>, b: Mat<T>, 
                     unsafe { *dst.ptr.offset(i as isize * dst.rs + j as isize * dst.cs) = T::ZERO };
                 }
             }
+        }
+        return;
+    }
+    if let Some(kernel) = T::dot_kernel().filter(|_| dst.rows <= DOT_MAX_ROWS && a.cs == 1 && b.rs == 1 && dst.cs == 1)
+    {
+        for i in 0..dst.rows {
+            let args = DotArgs {
+                k: a.cols,
+                n: dst.cols,
+                x: a.ptr.wrapping_offset(i as isize * a.rs),
+                w: b.ptr,
+                ldw: b.cs as usize,
+                y: dst.ptr.wrapping_offset(i as isize * dst.rs),
+                accumulate,
+            };
+            // SAFETY: row i of `a` and `dst` and the n x k matrix behind `b` are inside their views.
+            unsafe { kernel(&args) };
         }
         return;
     }
@@ -454,22 +474,116 @@ panel_kernel!(
     _mm256_fmadd_pd
 );
 
+/// What the dot-product kernel reads and writes: `y[j] (+)= x . w[j]` for the `n` rows of a
+/// row-major `w` (leading dimension `ldw`), all of length `k`.
+pub struct DotArgs<T> {
+    pub k: usize,
+    pub n: usize,
+    pub x: *const T,
+    pub w: *const T,
+    pub ldw: usize,
+    pub y: *mut T,
+    pub accumulate: bool,
+}
+
+/// The dot-product kernel; unsafe: the pointers of `DotArgs` must be valid for its shapes.
+pub type DotKernel<T> = unsafe fn(&DotArgs<T>);
+
+/// The AVX2+FMA dot-product kernels: four rows of `w` at a time against one row `x`, each
+/// row's products summed in vector lanes, then across them. For one row times a matrix stored
+/// row-major (`x W^T`, as a streaming step multiplies its input and state by the weights), this
+/// reads `W` once, in order, with no packing: the weights may change between calls.
+#[cfg(target_arch = "x86_64")]
+macro_rules! dot_kernel {
+    ($name:ident, $t:ty, $v:ty, $lanes:expr, $zero:ident, $load:ident, $fma:ident, $store:ident) => {
+        #[target_feature(enable = "avx2,fma")]
+        pub(crate) unsafe fn $name(g: &DotArgs<$t>) {
+            use std::arch::x86_64::*;
+
+            #[inline(always)]
+            unsafe fn rows<const R: usize>(g: &DotArgs<$t>, j: usize) {
+                unsafe {
+                    let mut acc = [$zero(); R];
+                    let body = g.k - g.k % $lanes;
+                    for p in (0..body).step_by($lanes) {
+                        let xv: $v = $load(g.x.add(p));
+                        for (r, a) in acc.iter_mut().enumerate() {
+                            *a = $fma($load(g.w.add((j + r) * g.ldw + p)), xv, *a);
+                        }
+                    }
+                    for (r, a) in acc.iter().enumerate() {
+                        let mut lanes = [0.0 as $t; $lanes];
+                        $store(lanes.as_mut_ptr(), *a);
+                        let mut sum = lanes.iter().fold(0.0 as $t, |s, &v| s + v);
+                        for p in body..g.k {
+                            sum += *g.w.add((j + r) * g.ldw + p) * *g.x.add(p);
+                        }
+                        let y = g.y.add(j + r);
+                        *y = if g.accumulate { *y + sum } else { sum };
+                    }
+                }
+            }
+
+            unsafe {
+                let mut j = 0;
+                while j + 4 <= g.n {
+                    rows::<4>(g, j);
+                    j += 4;
+                }
+                while j < g.n {
+                    rows::<1>(g, j);
+                    j += 1;
+                }
+            }
+        }
+    };
+}
+
+#[cfg(target_arch = "x86_64")]
+dot_kernel!(
+    dot_f32,
+    f32,
+    __m256,
+    8,
+    _mm256_setzero_ps,
+    _mm256_loadu_ps,
+    _mm256_fmadd_ps,
+    _mm256_storeu_ps
+);
+#[cfg(target_arch = "x86_64")]
+dot_kernel!(
+    dot_f64,
+    f64,
+    __m256d,
+    4,
+    _mm256_setzero_pd,
+    _mm256_loadu_pd,
+    _mm256_fmadd_pd,
+    _mm256_storeu_pd
+);
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// `c (+)= a * b` by `matmul_packed` against a plain triple loop in f64.
-    fn check_one<T: Float>(m: usize, k: usize, n: usize, tol: f64) {
+    /// `c (+)= a * b` by `matmul_packed` (or, if not `packed`, by `matmul` on the unpacked
+    /// view) against a plain triple loop in f64.
+    fn check_one<T: Float>(m: usize, k: usize, n: usize, tol: f64, packed: bool) {
         let value = |i: usize, p: usize, q: usize| T::from_f64(((i * p % q) as f64 - (q / 2) as f64) / q as f64);
         let a: Vec<T> = (0..m * k).map(|i| value(i, 7, 13)).collect();
         let bt: Vec<T> = (0..n * k).map(|i| value(i, 5, 11)).collect();
-        let packed = PackedB::new(Mat::new(&bt, n, k, k).t()); // B is (k x n), column stride k
+        let b = Mat::new(&bt, n, k, k).t(); // B is (k x n), column stride k
+        let pb = PackedB::new(b);
         for accumulate in [false, true] {
             for threads in [1, 2] {
                 let init: Vec<T> = (0..m * n).map(|i| T::from_f64(i as f64 * 0.01)).collect();
                 let mut c = init.clone();
                 let dst = MatMut::new(&mut c, m, n, n);
-                matmul_packed(dst, accumulate, Mat::new(&a, m, k, k), &packed, threads);
+                if packed {
+                    matmul_packed(dst, accumulate, Mat::new(&a, m, k, k), &pb, threads);
+                } else {
+                    matmul(dst, accumulate, Mat::new(&a, m, k, k), b, threads);
+                }
                 for i in 0..m {
                     for j in 0..n {
                         let mut want = if accumulate { init[i * n + j].to_f64() } else { 0.0 };
@@ -492,11 +606,25 @@ mod tests {
         for m in [1, 2, 5, 6, 7, 13] {
             for k in [1, 3, 17] {
                 for n in [1, 5, 8, 16, 17, 33, 70, 130] {
-                    check_one::<T>(m, k, n, tol);
+                    check_one::<T>(m, k, n, tol, true);
                 }
             }
         }
-        check_one::<T>(7, 64, 600, tol);
+        check_one::<T>(7, 64, 600, tol, true);
+    }
+
+    /// The few-row products of `matmul` with a transposed row-major `b` (the dot-product
+    /// kernel): row counts up to and past `DOT_MAX_ROWS`, k around the vector width.
+    #[test]
+    fn few_row_product_matches_a_plain_loop() {
+        for m in 1..=DOT_MAX_ROWS + 1 {
+            for k in [1, 3, 8, 9, 17, 64] {
+                for n in [1, 3, 4, 5, 9, 40] {
+                    check_one::<f32>(m, k, n, 1e-5, false);
+                    check_one::<f64>(m, k, n, 1e-13, false);
+                }
+            }
+        }
     }
 
     #[test]

@@ -49,6 +49,8 @@ pub trait Float:
     const PANEL: usize;
     /// The packed GEMM kernel, where the CPU (and `RNNKIT_SIMD`) allows AVX2+FMA.
     fn panel_kernel() -> Option<crate::gemm::PanelKernel<Self>>;
+    /// The dot-product kernel of `gemm::matmul` for few-row products, under the same condition.
+    fn dot_kernel() -> Option<crate::gemm::DotKernel<Self>>;
     /// `a * b + c`, unfused: a fused multiply-add would be a slow libm call in the baseline
     /// (pre-FMA) copy of the kernels, and the pointwise math does not need the extra precision.
     #[inline(always)]
@@ -119,6 +121,13 @@ impl Float for f32 {
         }
         None
     }
+    fn dot_kernel() -> Option<crate::gemm::DotKernel<Self>> {
+        #[cfg(target_arch = "x86_64")]
+        if level() >= Level::Avx2 {
+            return Some(crate::gemm::dot_f32);
+        }
+        None
+    }
     const NAME: &'static str = "float32";
     #[inline(always)]
     fn from_f64(v: f64) -> Self {
@@ -148,6 +157,13 @@ impl Float for f64 {
         #[cfg(target_arch = "x86_64")]
         if level() >= Level::Avx2 {
             return Some(crate::gemm::panel_f64);
+        }
+        None
+    }
+    fn dot_kernel() -> Option<crate::gemm::DotKernel<Self>> {
+        #[cfg(target_arch = "x86_64")]
+        if level() >= Level::Avx2 {
+            return Some(crate::gemm::dot_f64);
         }
         None
     }
