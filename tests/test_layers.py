@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import rnnkit
+from reference import numerical_gradient
 from rnnkit.layers import (
     GRU,
     LSTM,
@@ -17,22 +18,6 @@ from rnnkit.layers import (
     MeanPool,
     Sequential,
 )
-
-EPS = 1e-6
-
-
-def numeric_grad(loss, a):
-    """Central differences of the scalar ``loss()`` with respect to every element of ``a`` (in place)."""
-    g = np.zeros_like(a)
-    for idx in np.ndindex(a.shape):
-        old = a[idx]
-        a[idx] = old + EPS
-        up = loss()
-        a[idx] = old - EPS
-        down = loss()
-        a[idx] = old
-        g[idx] = (up - down) / (2 * EPS)
-    return g
 
 
 def check_gradients(module, x, rng, run=None, **fwd):
@@ -48,11 +33,11 @@ def check_gradients(module, x, rng, run=None, **fwd):
         return float(np.sum(r * run()))
 
     if dx is not None:
-        np.testing.assert_allclose(dx, numeric_grad(loss, x), rtol=1e-6, atol=1e-8)
+        np.testing.assert_allclose(dx, numerical_gradient(loss, x), rtol=1e-6, atol=1e-8)
     assert module.params, "nothing to check"
     for name, p in module.params.items():
         np.testing.assert_allclose(
-            module.grads[name], numeric_grad(loss, p), rtol=1e-6, atol=1e-8, err_msg=name
+            module.grads[name], numerical_gradient(loss, p), rtol=1e-6, atol=1e-8, err_msg=name
         )
 
 
@@ -273,7 +258,7 @@ def check_gradients_no_params(module, x, rng, lengths):
     r = rng.standard_normal((x.shape[0], x.shape[2]))
     module(x, lengths=lengths)
     dx = module.backward(r)
-    num = numeric_grad(lambda: float(np.sum(r * module(x, lengths=lengths))), x)
+    num = numerical_gradient(lambda: float(np.sum(r * module(x, lengths=lengths))), x)
     np.testing.assert_allclose(dx, num, rtol=1e-6, atol=1e-8)
     for b, n in enumerate(lengths):
         np.testing.assert_array_equal(dx[b, n:], 0)

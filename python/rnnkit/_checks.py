@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -21,13 +22,47 @@ def float_dtype(dtype: Any, name: str = "dtype") -> np.dtype[Any]:
     return dt
 
 
+def from_torch(value: Any) -> Any:
+    """A PyTorch tensor as a NumPy array (detached, on the CPU); anything else as it is."""
+    if hasattr(value, "detach") and hasattr(value, "numpy"):
+        return value.detach().cpu().numpy()
+    return value
+
+
+def _real(value: Any, name: str, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
+        raise TypeError(f"{name} must be {what}; got {type(value).__name__}")
+    return float(value)
+
+
+def finite_number(value: Any, name: str) -> float:
+    """``value`` as a finite float, else TypeError / ValueError naming ``name``."""
+    v = _real(value, name, "a real number")
+    if not math.isfinite(v):
+        raise ValueError(f"{name} must be finite; got {value}")
+    return v
+
+
+def nonnegative_number(
+    value: Any, name: str, *, below: float | None = None, at_most: float | None = None
+) -> float:
+    """``value`` as a finite float >= 0 (and < ``below`` or <= ``at_most``), else TypeError /
+    ValueError naming ``name``."""
+    v = _real(value, name, "a number")
+    if not (math.isfinite(v) and v >= 0):
+        raise ValueError(f"{name} must be a finite number >= 0; got {value}")
+    if below is not None and not v < below:
+        raise ValueError(f"{name} must be in [0, {below}); got {value}")
+    if at_most is not None and not v <= at_most:
+        raise ValueError(f"{name} must be in [0, {at_most}]; got {value}")
+    return v
+
+
 def float_array(value: Any, name: str, dtype: np.dtype[Any], ndim: int | None = None) -> npt.NDArray[Any]:
     """``value`` as a C-contiguous array of ``dtype``: any real floating-point array-like is accepted
     (and copied if needed); integers, booleans, complex numbers, objects and strings are refused."""
-    if hasattr(value, "detach") and hasattr(value, "numpy"):  # a torch tensor
-        value = value.detach().cpu().numpy()
     try:
-        arr = np.asarray(value)
+        arr = np.asarray(from_torch(value))
     except (TypeError, ValueError) as e:
         raise TypeError(f"{name} must be a floating-point array; could not convert it: {e}") from e
     if arr.dtype.kind != "f":

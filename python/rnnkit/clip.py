@@ -10,8 +10,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from rnnkit._checks import nonnegative_number
 from rnnkit.module import Module
-from rnnkit.optim import _number
 
 Array = npt.NDArray[Any]
 
@@ -56,7 +56,7 @@ def clip_grad_norm(grads_or_module: Any, max_norm: float, *, error_if_nonfinite:
     Raises:
         FloatingPointError: The norm is NaN or infinite and ``error_if_nonfinite`` is set.
     """
-    limit = _number(max_norm, "max_norm")
+    limit = nonnegative_number(max_norm, "max_norm")
     grads = _gradients(grads_or_module)
     total = 0.0
     for g in grads:
@@ -88,6 +88,6 @@ def clip_grad_value(grads_or_module: Any, value: float) -> None:
             iterable of them.
         value: The largest magnitude allowed (>= 0).
     """
-    limit = _number(value, "value")
+    limit = nonnegative_number(value, "value")
     for g in _gradients(grads_or_module):
         np.clip(g, -limit, limit, out=g)

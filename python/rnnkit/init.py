@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 import numpy as np
 import numpy.typing as npt
 
+from rnnkit._checks import finite_number
 from rnnkit.module import Module
 
 Array = npt.NDArray[Any]
@@ -74,14 +75,6 @@ def _target(a: Any) -> Array:
     return a
 
 
-def _number(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
-        raise TypeError(f"{name} must be a real number; got {type(value).__name__}")
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite; got {value}")
-    return float(value)
-
-
 def _matrix(a: Array) -> Array:
     """``a`` checked to have at least 2 dimensions, none empty (to have fans, or be orthogonal)."""
     if a.ndim < 2 or 0 in a.shape:
@@ -109,7 +102,7 @@ def uniform_(a: Any, low: float = 0.0, high: float = 1.0, seed: Seed = None) -> 
         ``a``.
     """
     arr = _target(a)
-    lo, hi = _number(low, "low"), _number(high, "high")
+    lo, hi = finite_number(low, "low"), finite_number(high, "high")
     if hi < lo:
         raise ValueError(f"high must be at least low; got low={lo}, high={hi}")
     arr[...] = as_generator(seed).uniform(lo, hi, size=arr.shape)
@@ -129,7 +122,7 @@ def normal_(a: Any, mean: float = 0.0, std: float = 1.0, seed: Seed = None) -> A
         ``a``.
     """
     arr = _target(a)
-    mu, sd = _number(mean, "mean"), _number(std, "std")
+    mu, sd = finite_number(mean, "mean"), finite_number(std, "std")
     if sd < 0:
         raise ValueError(f"std must be non-negative; got {sd}")
     arr[...] = as_generator(seed).normal(mu, sd, size=arr.shape)
@@ -162,7 +155,7 @@ def xavier_uniform_(a: Any, gain: float = 1.0, seed: Seed = None) -> Array:
         ``a``.
     """
     fan_in, fan_out = _fans(_target(a))
-    bound = _number(gain, "gain") * math.sqrt(6.0 / (fan_in + fan_out))
+    bound = finite_number(gain, "gain") * math.sqrt(6.0 / (fan_in + fan_out))
     return uniform_(a, -bound, bound, seed)
 
 
@@ -178,7 +171,7 @@ def xavier_normal_(a: Any, gain: float = 1.0, seed: Seed = None) -> Array:
         ``a``.
     """
     fan_in, fan_out = _fans(_target(a))
-    std = abs(_number(gain, "gain")) * math.sqrt(2.0 / (fan_in + fan_out))
+    std = abs(finite_number(gain, "gain")) * math.sqrt(2.0 / (fan_in + fan_out))
     return normal_(a, 0.0, std, seed)
 
 
@@ -250,7 +243,7 @@ def orthogonal_(a: Any, gain: float = 1.0, seed: Seed = None, *, blocks: int = 1
         ``a``.
     """
     arr = _matrix(_target(a))
-    g = _number(gain, "gain")
+    g = finite_number(gain, "gain")
     rng = as_generator(seed)
     for block in _row_blocks(arr, blocks):
         _orthogonal_block(block, g, rng)
@@ -324,7 +317,7 @@ def init_recurrent(
     layers = [m for _, m in module.named_modules() if isinstance(m, _Recurrent)]
     if not layers:
         raise ValueError(f"module has no RNN, LSTM or GRU layer to initialise: {type(module).__name__}")
-    forget = None if forget_bias is None else _number(forget_bias, "forget_bias")
+    forget = None if forget_bias is None else finite_number(forget_bias, "forget_bias")
     if forget is not None and not any(isinstance(m, LSTM) and m.bias for m in layers):
         raise ValueError("forget_bias needs an LSTM layer with bias=True inside module; there is none")
     rng = as_generator(seed)

@@ -24,7 +24,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import numpy.typing as npt
 
-from rnnkit._checks import FLOAT_DTYPES, float_array
+from rnnkit._checks import FLOAT_DTYPES, float_array, from_torch
 
 Array = npt.NDArray[Any]
 
@@ -50,9 +50,7 @@ class Loss(NamedTuple):
 
 def _prediction(value: Any, name: str) -> Array:
     """``value`` as a float32/float64 array (the dtype every computation then uses)."""
-    if hasattr(value, "detach") and hasattr(value, "numpy"):  # a torch tensor
-        value = value.detach().cpu().numpy()
-    arr = np.asarray(value)
+    arr = np.asarray(from_torch(value))
     if arr.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be a float32 or float64 array; got dtype {arr.dtype}")
     return arr

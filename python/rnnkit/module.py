@@ -24,6 +24,8 @@ from typing import Any, ClassVar
 import numpy as np
 import numpy.typing as npt
 
+from rnnkit._checks import from_torch
+
 Array = npt.NDArray[Any]
 
 #: Every Module subclass by "module.QualName", so a saved file names its classes without pickling.
@@ -279,10 +281,8 @@ def _short(value: Any) -> str:
 
 def _as_like(value: Any, like: Array, name: str) -> Array:
     """``value`` converted to ``like``'s dtype and checked to have its shape."""
-    if hasattr(value, "detach") and hasattr(value, "numpy"):  # a torch tensor
-        value = value.detach().cpu().numpy()
     try:
-        arr = np.asarray(value)
+        arr = np.asarray(from_torch(value))
     except (TypeError, ValueError) as e:
         raise TypeError(f"{name} must be an array; could not convert it: {e}") from e
     kind = "floating-point" if like.dtype.kind == "f" else "integer"

@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 import numpy as np
 import numpy.typing as npt
 
-from rnnkit._checks import FLOAT_DTYPES
+from rnnkit._checks import FLOAT_DTYPES, nonnegative_number
 from rnnkit.module import Module
 
 Array = npt.NDArray[Any]
@@ -31,20 +31,6 @@ State = dict[str, Array]
 #: What an optimizer optimizes: a Module, or (param, grad) array pairs.
 Params = Module | Iterable[tuple[Array, Array]]
 _STATE_KEYS = frozenset({"optimizer", "step_count", "hyperparameters", "state"})
-
-
-def _number(value: Any, name: str, *, below: float | None = None, at_most: float | None = None) -> float:
-    """``value`` as a finite float >= 0 (and < ``below`` or <= ``at_most``), else a ValueError."""
-    if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
-        raise TypeError(f"{name} must be a number; got {type(value).__name__}")
-    v = float(value)
-    if not (math.isfinite(v) and v >= 0):
-        raise ValueError(f"{name} must be a finite number >= 0; got {value}")
-    if below is not None and not v < below:
-        raise ValueError(f"{name} must be in [0, {below}); got {value}")
-    if at_most is not None and not v <= at_most:
-        raise ValueError(f"{name} must be in [0, {at_most}]; got {value}")
-    return v
 
 
 def _named_pairs(params: Any) -> list[tuple[str, Array, Array]]:
@@ -117,7 +103,7 @@ class Optimizer:
 
     def __init__(self, params: Params, lr: float, weight_decay: float) -> None:
         self.lr = lr
-        self.weight_decay = _number(weight_decay, "weight_decay")
+        self.weight_decay = nonnegative_number(weight_decay, "weight_decay")
         triples = _named_pairs(params)
         self._names = [name for name, _, _ in triples]
         self._params = [p for _, p, _ in triples]
@@ -135,7 +121,7 @@ class Optimizer:
 
     @lr.setter
     def lr(self, value: float) -> None:
-        self._lr = _number(value, "lr")
+        self._lr = nonnegative_number(value, "lr")
 
     def _new_state(self, param: Array) -> State:
         """The initial state arrays of ``param``."""
@@ -258,8 +244,8 @@ class SGD(Optimizer):
         nesterov: bool = False,
         weight_decay: float = 0,
     ) -> None:
-        self.momentum = _number(momentum, "momentum")
-        self.dampening = _number(dampening, "dampening", at_most=1.0)
+        self.momentum = nonnegative_number(momentum, "momentum")
+        self.dampening = nonnegative_number(dampening, "dampening", at_most=1.0)
         self.nesterov = bool(nesterov)
         if self.nesterov and (self.momentum == 0 or self.dampening != 0):
             raise ValueError("nesterov=True needs momentum > 0 and dampening == 0")
@@ -319,8 +305,11 @@ class Adam(Optimizer):
     ) -> None:
         if not (isinstance(betas, tuple | list) and len(betas) == 2):
             raise TypeError(f"betas must be a pair (beta1, beta2); got {betas!r}")
-        self.betas = (_number(betas[0], "betas[0]", below=1.0), _number(betas[1], "betas[1]", below=1.0))
-        self.eps = _number(eps, "eps")
+        self.betas = (
+            nonnegative_number(betas[0], "betas[0]", below=1.0),
+            nonnegative_number(betas[1], "betas[1]", below=1.0),
+        )
+        self.eps = nonnegative_number(eps, "eps")
         self.amsgrad = bool(amsgrad)
         super().__init__(params, lr, weight_decay)
 
@@ -412,9 +401,9 @@ class RMSprop(Optimizer):
         momentum: float = 0,
         centered: bool = False,
     ) -> None:
-        self.alpha = _number(alpha, "alpha", at_most=1.0)
-        self.eps = _number(eps, "eps")
-        self.momentum = _number(momentum, "momentum")
+        self.alpha = nonnegative_number(alpha, "alpha", at_most=1.0)
+        self.eps = nonnegative_number(eps, "eps")
+        self.momentum = nonnegative_number(momentum, "momentum")
         self.centered = bool(centered)
         super().__init__(params, lr, weight_decay)
 
@@ -481,9 +470,11 @@ class Adagrad(Optimizer):
         initial_accumulator_value: float = 0,
         eps: float = 1e-10,
     ) -> None:
-        self.lr_decay = _number(lr_decay, "lr_decay")
-        self.initial_accumulator_value = _number(initial_accumulator_value, "initial_accumulator_value")
-        self.eps = _number(eps, "eps")
+        self.lr_decay = nonnegative_number(lr_decay, "lr_decay")
+        self.initial_accumulator_value = nonnegative_number(
+            initial_accumulator_value, "initial_accumulator_value"
+        )
+        self.eps = nonnegative_number(eps, "eps")
         super().__init__(params, lr, weight_decay)
 
     def _new_state(self, param: Array) -> State:

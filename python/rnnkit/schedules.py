@@ -12,8 +12,8 @@ from __future__ import annotations
 import math
 from typing import Any, ClassVar
 
-from rnnkit._checks import positive_int
-from rnnkit.optim import Optimizer, _number
+from rnnkit._checks import nonnegative_number, positive_int
+from rnnkit.optim import Optimizer
 
 INTERVALS = ("epoch", "step")
 
@@ -154,7 +154,7 @@ class CosineWarmup(Schedule):
         super().__init__(optimizer, interval)
         self.warmup_steps = positive_int(warmup_steps, "warmup_steps", minimum=0)
         self.total_steps = positive_int(total_steps, "total_steps", minimum=self.warmup_steps + 1)
-        self.min_lr = _number(min_lr, "min_lr", at_most=self.base_lr)
+        self.min_lr = nonnegative_number(min_lr, "min_lr", at_most=self.base_lr)
         optimizer.lr = self._next_lr(self.base_lr, None)
 
     def _next_lr(self, lr: float, metric: float | None) -> float:
@@ -206,11 +206,11 @@ class ReduceLROnPlateau(Schedule):
             raise ValueError(f"threshold_mode must be 'rel' or 'abs'; got {threshold_mode!r}")
         self.mode = mode
         self.threshold_mode = threshold_mode
-        self.factor = _number(factor, "factor", below=1.0)
+        self.factor = nonnegative_number(factor, "factor", below=1.0)
         self.patience = positive_int(patience, "patience", minimum=0)
-        self.threshold = _number(threshold, "threshold")
+        self.threshold = nonnegative_number(threshold, "threshold")
         self.cooldown = positive_int(cooldown, "cooldown", minimum=0)
-        self.min_lr = _number(min_lr, "min_lr")
+        self.min_lr = nonnegative_number(min_lr, "min_lr")
         self.best = math.inf if mode == "min" else -math.inf
         self.num_bad_steps = 0
         self.cooldown_counter = 0
@@ -244,7 +244,7 @@ class ReduceLROnPlateau(Schedule):
 
 def _positive(value: Any, name: str) -> float:
     """``value`` as a finite float > 0."""
-    v = _number(value, name)
+    v = nonnegative_number(value, name)
     if v == 0:
         raise ValueError(f"{name} must be > 0; got {value}")
     return v
