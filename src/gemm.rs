@@ -264,36 +264,54 @@ pub fn add_column_sums<T: Float>(out: &mut [T], m: &[T], cols: usize) {
 /// weights, multiplied by the state at every time step of a sweep. The GEMM crates repack `B`
 /// inside every call, which at one step per call costs as much as the product for small batches.
 ///
+/// `B` is given as column blocks side by side (views of the same `k` rows), so that a thread's
+/// share of the gate columns (one block per gate, see `sweep.rs`) is one product without a copy.
+///
 /// Packed layout: panels of [`Float::PANEL`] columns (two AVX2 vectors), each panel's k rows
 /// contiguous, the last panel padded with zeros. The product is computed by a register-blocked
 /// AVX2+FMA kernel: up to six rows of `A` against one panel, twelve accumulators, each element of
-/// the result summed over k in order, so that the result does not depend on the row count, the
-/// thread count or the panel split. Without AVX2+FMA it falls back to [`matmul`] on `B` itself.
+/// the result summed over k in order, so that the result does not depend on the row count or on
+/// how the columns are split. Without AVX2+FMA it falls back to [`matmul`] on each block.
 pub struct PackedB<T> {
-    b: Mat<T>,
+    parts: Vec<Mat<T>>,
+    k: usize,
+    n: usize,
     data: Vec<T>,
 }
 
-// SAFETY: `b` is a read-only view of weights that outlive the sweep using this packing.
+// SAFETY: `parts` are read-only views of weights that outlive the sweep using this packing.
 unsafe impl<T: Sync> Send for PackedB<T> {}
 unsafe impl<T: Sync> Sync for PackedB<T> {}
 
 impl<T: Float> PackedB<T> {
-    pub fn new(b: Mat<T>) -> Self {
-        let (k, n, nr) = (b.rows, b.cols, T::PANEL);
+    /// Pack the column blocks `parts` (all with the same row count), side by side.
+    pub fn new(parts: Vec<Mat<T>>) -> Self {
+        let k = parts.first().map_or(0, |b| b.rows);
+        assert!(
+            parts.iter().all(|b| b.rows == k),
+            "PackedB blocks must have the same rows"
+        );
+        let n = parts.iter().map(|b| b.cols).sum::<usize>();
+        let nr = T::PANEL;
         let mut data = Vec::new();
         if T::panel_kernel().is_some() {
             data = vec![T::ZERO; n.div_ceil(nr) * k * nr];
-            for (p, panel) in data.chunks_exact_mut(k * nr).enumerate() {
+            // Where each column starts and its row stride; a panel is filled row by row, reading
+            // its columns side by side.
+            let cols: Vec<(*const T, isize)> = parts
+                .iter()
+                .flat_map(|b| (0..b.cols).map(move |j| (b.ptr.wrapping_offset(j as isize * b.cs), b.rs)))
+                .collect();
+            for (panel, cols) in data.chunks_exact_mut(k * nr).zip(cols.chunks(nr)) {
                 for (r, dst) in panel.chunks_exact_mut(nr).enumerate() {
-                    for (l, d) in dst.iter_mut().enumerate().take(n - p * nr) {
-                        // SAFETY: (r, p*nr + l) is inside the view (l < n - p*nr).
-                        *d = unsafe { *b.ptr.offset(r as isize * b.rs + (p * nr + l) as isize * b.cs) };
+                    for (d, &(ptr, rs)) in dst.iter_mut().zip(cols) {
+                        // SAFETY: row r of the column is inside its view.
+                        *d = unsafe { *ptr.offset(r as isize * rs) };
                     }
                 }
             }
         }
-        PackedB { b, data }
+        PackedB { parts, k, n, data }
     }
 }
 
@@ -311,19 +329,26 @@ pub struct PanelArgs<T> {
     pub accumulate: bool,
 }
 
-/// The packed kernel over panels `[p0, p1)`; unsafe: the pointers of `PanelArgs` must be valid
-/// for the shapes it gives, and no one else may touch those columns of `c` meanwhile.
-pub type PanelKernel<T> = unsafe fn(&PanelArgs<T>, usize, usize);
+/// The packed kernel; unsafe: the pointers of `PanelArgs` must be valid for the shapes it gives,
+/// and no one else may touch `c` meanwhile.
+pub type PanelKernel<T> = unsafe fn(&PanelArgs<T>);
 
-/// `dst (+)= a * B` with `B` packed, on up to `threads` threads (panels split between them).
-pub fn matmul_packed<T: Float>(dst: MatMut<T>, accumulate: bool, a: Mat<T>, b: &PackedB<T>, threads: usize) {
+/// `dst (+)= a * B` with `B` packed, on the calling thread (the sweep splits the work itself).
+pub fn matmul_packed<T: Float>(dst: MatMut<T>, accumulate: bool, a: Mat<T>, b: &PackedB<T>) {
     assert!(
-        a.rows == dst.rows && b.b.cols == dst.cols && a.cols == b.b.rows,
+        a.rows == dst.rows && b.n == dst.cols && a.cols == b.k,
         "matmul_packed shapes"
     );
     let kernel = match T::panel_kernel() {
         Some(kernel) if !b.data.is_empty() && a.cs == 1 && dst.cs == 1 => kernel,
-        _ => return matmul(dst, accumulate, a, b.b, threads),
+        _ => {
+            let mut j0 = 0;
+            for part in &b.parts {
+                matmul(dst.cols_at(j0, part.cols), accumulate, a, *part, 1);
+                j0 += part.cols;
+            }
+            return;
+        }
     };
     if dst.rows == 0 || dst.cols == 0 {
         return;
@@ -339,21 +364,8 @@ pub fn matmul_packed<T: Float>(dst: MatMut<T>, accumulate: bool, a: Mat<T>, b: &
         ldc: dst.rs as usize,
         accumulate,
     };
-    let panels = dst.cols.div_ceil(T::PANEL);
-    if threads > 1 && panels > 1 && dst.rows * dst.cols * a.cols >= PAR_MACS {
-        let per = panels.div_ceil(threads);
-        let args = &args;
-        (0..threads).into_par_iter().for_each(|t| {
-            let (p0, p1) = (t * per, ((t + 1) * per).min(panels));
-            if p0 < p1 {
-                // SAFETY: the shapes were checked; each task writes its own panels' columns.
-                unsafe { kernel(args, p0, p1) }
-            }
-        });
-    } else {
-        // SAFETY: as above, one task.
-        unsafe { kernel(&args, 0, panels) }
-    }
+    // SAFETY: the shapes were checked and `dst` is this call's to write.
+    unsafe { kernel(&args) }
 }
 
 // SAFETY: the raw pointers are only dereferenced under the contract of `PanelKernel`.
@@ -364,7 +376,7 @@ unsafe impl<T: Sync> Sync for PanelArgs<T> {}
 macro_rules! panel_kernel {
     ($name:ident, $t:ty, $v:ty, $lanes:expr, $zero:ident, $set1:ident, $load:ident, $store:ident, $add:ident, $fma:ident) => {
         #[target_feature(enable = "avx2,fma")]
-        pub(crate) unsafe fn $name(g: &PanelArgs<$t>, p0: usize, p1: usize) {
+        pub(crate) unsafe fn $name(g: &PanelArgs<$t>) {
             use std::arch::x86_64::*;
             const NR: usize = 2 * $lanes;
 
@@ -419,7 +431,8 @@ macro_rules! panel_kernel {
             }
 
             unsafe {
-                let mut p = p0;
+                let p1 = g.n.div_ceil(NR);
+                let mut p = 0;
                 // One row (a batch-1 sweep): four panels at a time, for eight accumulators.
                 while g.m == 1 && p + 4 <= p1 {
                     micro::<1, 4>(g, g.a, g.c.add(p * NR), g.b.add(p * g.k * NR), g.n - p * NR);
@@ -427,10 +440,19 @@ macro_rules! panel_kernel {
                 }
                 for p in p..p1 {
                     let (bp, c, w) = (g.b.add(p * g.k * NR), g.c.add(p * NR), (g.n - p * NR).min(NR));
+                    // Blocks of six rows; a remainder of seven or eight rows goes as four and
+                    // the rest, so that no block is left with too few accumulators to keep the
+                    // FMA units busy.
                     let mut i = 0;
-                    while i + 6 <= g.m {
-                        micro::<6, 1>(g, g.a.add(i * g.lda), c.add(i * g.ldc), bp, w);
-                        i += 6;
+                    while g.m - i >= 6 {
+                        let (a, c) = (g.a.add(i * g.lda), c.add(i * g.ldc));
+                        if matches!(g.m - i, 7 | 8) {
+                            micro::<4, 1>(g, a, c, bp, w);
+                            i += 4;
+                        } else {
+                            micro::<6, 1>(g, a, c, bp, w);
+                            i += 6;
+                        }
                     }
                     let (a, c) = (g.a.add(i * g.lda), c.add(i * g.ldc));
                     match g.m - i {
@@ -567,20 +589,22 @@ mod tests {
     use super::*;
 
     /// `c (+)= a * b` by `matmul_packed` (or, if not `packed`, by `matmul` on the unpacked
-    /// view) against a plain triple loop in f64.
+    /// view) against a plain triple loop in f64. The packed `B` is given as three column blocks
+    /// of uneven widths (some empty when n is small).
     fn check_one<T: Float>(m: usize, k: usize, n: usize, tol: f64, packed: bool) {
         let value = |i: usize, p: usize, q: usize| T::from_f64(((i * p % q) as f64 - (q / 2) as f64) / q as f64);
         let a: Vec<T> = (0..m * k).map(|i| value(i, 7, 13)).collect();
         let bt: Vec<T> = (0..n * k).map(|i| value(i, 5, 11)).collect();
         let b = Mat::new(&bt, n, k, k).t(); // B is (k x n), column stride k
-        let pb = PackedB::new(b);
+        let (j1, j2) = (n / 3, n / 3 + n / 2);
+        let pb = PackedB::new(vec![b.cols_at(0, j1), b.cols_at(j1, j2 - j1), b.cols_at(j2, n - j2)]);
         for accumulate in [false, true] {
             for threads in [1, 2] {
                 let init: Vec<T> = (0..m * n).map(|i| T::from_f64(i as f64 * 0.01)).collect();
                 let mut c = init.clone();
                 let dst = MatMut::new(&mut c, m, n, n);
                 if packed {
-                    matmul_packed(dst, accumulate, Mat::new(&a, m, k, k), &pb, threads);
+                    matmul_packed(dst, accumulate, Mat::new(&a, m, k, k), &pb);
                 } else {
                     matmul(dst, accumulate, Mat::new(&a, m, k, k), b, threads);
                 }
@@ -600,10 +624,9 @@ mod tests {
     }
 
     /// Every row remainder of the six-row blocks, column counts around the panel width, the
-    /// batch-1 four-panel path, a transposed `B` view, both accumulate modes, one and two
-    /// threads; the last case is large enough (>= PAR_MACS) to split its panels between threads.
+    /// batch-1 four-panel path, a transposed `B` view, both accumulate modes.
     fn check<T: Float>(tol: f64) {
-        for m in [1, 2, 5, 6, 7, 13] {
+        for m in [1, 2, 5, 6, 7, 8, 13, 14] {
             for k in [1, 3, 17] {
                 for n in [1, 5, 8, 16, 17, 33, 70, 130] {
                     check_one::<T>(m, k, n, tol, true);

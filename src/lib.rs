@@ -10,6 +10,7 @@ pub mod error;
 pub mod gemm;
 pub mod simd;
 pub mod sweep;
+mod team;
 pub mod threads;
 
 #[cfg(feature = "python")]

@@ -14,22 +14,22 @@
 //! are a prefix of the slice and the recurrent GEMM does no work past a sequence's end.
 //!
 //! Threads. When the batch is large enough, it is cut into one slice per thread and each slice
-//! runs the whole time loop on its own (single-threaded GEMMs, no per-step synchronisation);
-//! otherwise one loop runs and the GEMMs use the threads. The two directions of a bidirectional
+//! runs the whole time loop on its own (no per-step synchronisation); otherwise the threads share
+//! each step as a team (`team.rs`), cut into blocks of hidden units. The two directions of a bidirectional
 //! layer run side by side.
 
 use crate::cells::{Bwd, Cell, CellKind, Fwd};
 use crate::error::{Error, Result};
 use crate::gemm::{add_column_sums, matmul, matmul_packed, Mat, MatMut, PackedB};
 use crate::simd::{dispatch, Float, Kernel};
+use crate::team;
 use rayon::prelude::*;
 use std::borrow::Cow;
 
 /// Sequences per batch slice: a slice runs its own time loop. The slicing depends on the batch
 /// size only, never on the thread count, so that results do not change with the number of
 /// threads (the GEMM crate's rounding depends on the row count of a product). Below two slices'
-/// worth, one loop runs and each step's GEMM is threaded instead, which is as fast once a step's
-/// GEMM is large, and results do not depend on the GEMM's thread count.
+/// worth, one loop runs and the threads share its steps (see [`Tiles`]).
 const SLICE_ROWS: usize = 64;
 
 /// Sizes of one layer.
@@ -267,50 +267,54 @@ impl Plan {
         Plan { perm, lens, slices }
     }
 
-    fn gemm_threads(&self, threads: usize) -> usize {
-        threads.div_ceil(self.slices.len())
-    }
-
-    /// Run `f(first_row, rows, gemm_threads)` for every slice, the slices in parallel.
+    /// Run `f(first_row, rows, team_size)` for every slice, the slices in parallel.
     fn for_each_slice(&self, threads: usize, f: impl Fn(usize, usize, usize) + Sync) {
-        let gt = self.gemm_threads(threads);
-        map_items(self.slices.clone(), threads, |_, (off, n)| f(off, n, gt));
+        let team = threads.div_ceil(self.slices.len());
+        map_items(self.slices.clone(), threads, |_, (off, n)| f(off, n, team));
     }
 }
 
-/// A step's pointwise pass is split across the threads from this many gate values on (below,
-/// waking a thread costs more than it saves).
-const PAR_POINTWISE: usize = 1 << 12;
+/// Hidden units per block of a step: a block computes its units' gates (its columns of the
+/// recurrent product) and their pointwise pass, so that the threads of a step share no
+/// intermediate result and synchronise once per step. Wide enough for the batch-1 product to fill
+/// the kernel's four panels even for one gate.
+const UNIT_BLOCK: usize = 64;
+/// Blocks a step is cut into at least, where there are rows enough: with few unit blocks (small
+/// hidden sizes), the active rows are cut too.
+const MIN_BLOCKS: usize = 4;
+/// Fewest rows in a row part.
+const MIN_PART_ROWS: usize = 16;
 
-/// Run a step's pointwise pass `f(r0, r1, row blocks)` over the active rows: in one part, or,
-/// when the step is large, in one part per thread. `bufs` are per-row buffers (buffer, row
-/// width), handed to each part as its own rows. Rows are independent, so the split does not
-/// change the results.
-fn split_rows<T: Send, const N: usize>(
-    active: usize,
-    gh: usize,
-    threads: usize,
-    bufs: [(&mut [T], usize); N],
-    f: impl Fn(usize, usize, [&mut [T]; N]) + Sync,
-) {
-    let parts = if active * gh >= PAR_POINTWISE {
-        threads.min(active).max(1)
-    } else {
-        1
-    };
-    let mut rest = bufs.map(|(b, w)| (&mut b[..active * w], w));
-    let mut jobs = Vec::with_capacity(parts);
-    for p in 0..parts {
-        let (r0, r1) = (p * active / parts, (p + 1) * active / parts);
-        let blocks = std::array::from_fn(|k| {
-            let (buf, w) = &mut rest[k];
-            let (head, tail) = std::mem::take(buf).split_at_mut((r1 - r0) * *w);
-            *buf = tail;
-            head
-        });
-        jobs.push((r0, r1, blocks));
+/// The hidden units `[u0, u1)` of each unit block: about `UNIT_BLOCK` wide, multiples of 8
+/// (a vector) but the last. They depend on the hidden size alone, never on the thread count, so
+/// that the results do not either.
+fn unit_blocks(hidden: usize) -> Vec<(usize, usize)> {
+    let nb = (hidden / UNIT_BLOCK).max(1);
+    let w = hidden.div_ceil(nb).next_multiple_of(8);
+    (0..hidden).step_by(w).map(|u0| (u0, (u0 + w).min(hidden))).collect()
+}
+
+/// How a step over the rows of one batch slice is cut into blocks: each unit block times
+/// `row_parts` ranges of the active rows.
+#[derive(Clone, Copy)]
+struct Tiles {
+    unit_blocks: usize,
+    row_parts: usize,
+}
+
+impl Tiles {
+    fn new(rows: usize, unit_blocks: usize) -> Tiles {
+        let row_parts = MIN_BLOCKS.div_ceil(unit_blocks).min(rows / MIN_PART_ROWS).max(1);
+        Tiles { unit_blocks, row_parts }
     }
-    map_items(jobs, threads, |_, (r0, r1, b)| f(r0, r1, b));
+    fn count(&self) -> usize {
+        self.unit_blocks * self.row_parts
+    }
+    /// Block `j` when `active` rows run: (unit block, first row, end row).
+    fn get(&self, j: usize, active: usize) -> (usize, usize, usize) {
+        let (part, ub) = (j / self.unit_blocks, j % self.unit_blocks);
+        (ub, part * active / self.row_parts, (part + 1) * active / self.row_parts)
+    }
 }
 
 /// The time index of step `s` of a sequence of length `len`.
@@ -343,6 +347,12 @@ impl<T> Ptr<T> {
     #[inline(always)]
     unsafe fn slice<'a>(self, at: usize, len: usize) -> &'a mut [T] {
         std::slice::from_raw_parts_mut(self.0.add(at), len)
+    }
+    /// # Safety
+    /// `[at, at + len)` must be inside the buffer and written by no one meanwhile.
+    #[inline(always)]
+    unsafe fn read<'a>(self, at: usize, len: usize) -> &'a [T] {
+        std::slice::from_raw_parts(self.0.add(at), len)
     }
 }
 
@@ -523,13 +533,15 @@ fn forward_impl<C: Cell, T: Float>(
             hprev: vec![T::ZERO; rows * h],
         });
         let keep = tape.as_mut().map(|t| (Ptr::new(&mut t.saved), Ptr::new(&mut t.hprev)));
-        let w_hh = PackedB::new(Mat::new(w.w_hh, gh, h, h).t());
+        let units = unit_blocks(h);
+        let (w_hh, bias) = forward_blocks(&w, C::GATES, h, &units);
         let sw = Sweep {
             cell,
             layer,
             plan: &plan,
-            w: &w,
+            units: &units,
             w_hh: &w_hh,
+            bias: &bias,
             reverse: dir == 1,
         };
         // Direction `dir` owns columns [dir*H, (dir+1)*H) of y and block `dir` of hn / cn; the
@@ -543,7 +555,7 @@ fn forward_impl<C: Cell, T: Float>(
         };
         let h0 = h0.map(|s| &s[dir * bh..(dir + 1) * bh]);
         let c0 = c0.map(|s| &s[dir * bh..(dir + 1) * bh]);
-        plan.for_each_slice(threads, |off, n, gt| sw.forward_slice(off, n, gt, &xw, h0, c0, out));
+        plan.for_each_slice(threads, |off, n, team| sw.forward_slice(off, n, team, &xw, h0, c0, out));
         tape
     });
     train.then(|| Tape {
@@ -562,10 +574,45 @@ struct Sweep<'a, C, T> {
     cell: C,
     layer: &'a Layer,
     plan: &'a Plan,
-    w: &'a Weights<'a, T>,
-    /// W_hh packed once per sweep for the per-step products: W_hh^T forward, W_hh backward.
-    w_hh: &'a PackedB<T>,
+    /// The hidden units `[u0, u1)` of each unit block ([`unit_blocks`]).
+    units: &'a [(usize, usize)],
+    /// Per unit block, W_hh packed once per sweep for the per-step products: forward, the
+    /// block's rows of every gate, transposed (H x G*w); backward, the block's columns (G*H x w).
+    w_hh: &'a [PackedB<T>],
+    /// Per unit block, forward only: the block's biases, `b_ih` then `b_hh`, each G*w.
+    bias: &'a [Vec<T>],
     reverse: bool,
+}
+
+/// Per unit block: the forward's packed W_hh (see [`Sweep::w_hh`]) and its biases.
+fn forward_blocks<T: Float>(
+    w: &Weights<'_, T>,
+    gates: usize,
+    h: usize,
+    units: &[(usize, usize)],
+) -> (Vec<PackedB<T>>, Vec<Vec<T>>) {
+    units
+        .iter()
+        .map(|&(u0, u1)| {
+            let rows = (0..gates).map(|g| Mat::new(&w.w_hh[(g * h + u0) * h..], u1 - u0, h, h).t());
+            let bias = [w.b_ih, w.b_hh]
+                .iter()
+                .flat_map(|b| (0..gates).flat_map(move |g| &b[g * h + u0..g * h + u1]))
+                .copied()
+                .collect();
+            (PackedB::new(rows.collect()), bias)
+        })
+        .unzip()
+}
+
+/// `active[s]`: how many of a slice's rows (sorted longest first) run step `s`.
+fn active_rows(lens: &[usize]) -> Vec<usize> {
+    (0..lens[0]).map(|s| lens.partition_point(|&l| l > s)).collect()
+}
+
+/// The widest unit block.
+fn widest(units: &[(usize, usize)]) -> usize {
+    units.iter().map(|&(u0, u1)| u1 - u0).max().unwrap_or(0)
 }
 
 /// Where a forward slice writes.
@@ -580,12 +627,15 @@ struct FwdOut<T> {
 }
 
 impl<C: Cell, T: Float> Sweep<'_, C, T> {
+    /// The time loop of one batch slice, each step cut into [`Tiles`] that up to `members`
+    /// threads share (see `team.rs`). The state is double-buffered: step `s` reads buffer `s % 2`
+    /// whole and writes its blocks of the other.
     #[allow(clippy::too_many_arguments)]
     fn forward_slice(
         &self,
         off: usize,
         n: usize,
-        gt: usize,
+        members: usize,
         xw: &[T],
         h0: Option<&[T]>,
         c0: Option<&[T]>,
@@ -594,129 +644,133 @@ impl<C: Cell, T: Float> Sweep<'_, C, T> {
         if n == 0 {
             return;
         }
-        let (h, gh) = (self.layer.dims.hidden, self.layer.gh());
+        let h = self.layer.dims.hidden;
         let ch = if C::HAS_C { h } else { 0 };
         let perm = &self.plan.perm[off..off + n];
         let lens = &self.plan.lens[off..off + n];
-        let mut ha = vec![T::ZERO; n * h];
-        let mut hb = vec![T::ZERO; n * h];
-        let mut ca = vec![T::ZERO; n * ch];
-        let mut cb = vec![T::ZERO; n * ch];
-        let mut hw = vec![T::ZERO; n * gh];
+        let mut hs = [vec![T::ZERO; n * h], vec![T::ZERO; n * h]];
+        let mut cs = [vec![T::ZERO; n * ch], vec![T::ZERO; n * ch]];
         for (r, &b) in perm.iter().enumerate() {
             if let Some(h0) = h0 {
-                ha[r * h..(r + 1) * h].copy_from_slice(&h0[b * h..(b + 1) * h]);
+                hs[0][r * h..(r + 1) * h].copy_from_slice(&h0[b * h..(b + 1) * h]);
             }
             if let Some(c0) = c0 {
-                ca[r * ch..(r + 1) * ch].copy_from_slice(&c0[b * ch..(b + 1) * ch]);
+                cs[0][r * ch..(r + 1) * ch].copy_from_slice(&c0[b * ch..(b + 1) * ch]);
             }
         }
-        let mut active = n;
-        for s in 0..lens[0] {
-            while lens[active - 1] <= s {
-                active -= 1;
+        let [ha, hb] = &mut hs;
+        let [ca, cb] = &mut cs;
+        let (hp, cp) = ([Ptr::new(ha), Ptr::new(hb)], [Ptr::new(ca), Ptr::new(cb)]);
+        let active = active_rows(lens);
+        let tiles = Tiles::new(n, self.units.len());
+        let w = widest(self.units);
+        let scratch = || vec![T::ZERO; (n + 1) * C::GATES * w + C::SAVED * w];
+        team::run(tiles.count(), members, lens[0], scratch, |scratch, j, s| {
+            let (ub, r0, r1) = tiles.get(j, active[s]);
+            if r0 < r1 {
+                dispatch(FwdTile {
+                    sw: self,
+                    s,
+                    ub,
+                    rows: (r0, r1),
+                    perm,
+                    lens,
+                    xw,
+                    h: (hp[s % 2], hp[(s + 1) % 2]),
+                    c: (cp[s % 2], cp[(s + 1) % 2]),
+                    scratch,
+                    out,
+                });
             }
-            matmul_packed(
-                MatMut::new(&mut hw, active, gh, gh),
-                false,
-                Mat::new(&ha, active, h, h),
-                self.w_hh,
-                gt,
-            );
-            split_rows(
-                active,
-                gh,
-                gt,
-                [(&mut hb, h), (&mut cb, ch), (&mut hw, gh)],
-                |r0, r1, [hb, cb, hw]| {
-                    dispatch(FwdStep {
-                        sw: self,
-                        s,
-                        perm: &perm[r0..r1],
-                        lens: &lens[r0..r1],
-                        active: r1 - r0,
-                        xw,
-                        hw,
-                        ha: &ha[r0 * h..r1 * h],
-                        ca: &ca[r0 * ch..r1 * ch],
-                        hb,
-                        cb,
-                        out,
-                    })
-                },
-            );
-            std::mem::swap(&mut ha, &mut hb);
-            std::mem::swap(&mut ca, &mut cb);
-        }
+        });
     }
 }
 
-/// The pointwise part of one forward step, over the active rows of a slice.
-struct FwdStep<'a, 'w, C, T> {
+/// One block of a forward step: the recurrent product for its rows and units, then their
+/// pointwise pass.
+struct FwdTile<'a, 'w, C, T> {
     sw: &'a Sweep<'w, C, T>,
     s: usize,
+    ub: usize,
+    rows: (usize, usize),
     perm: &'a [usize],
     lens: &'a [usize],
-    active: usize,
     xw: &'a [T],
-    hw: &'a mut [T],
-    ha: &'a [T],
-    ca: &'a [T],
-    hb: &'a mut [T],
-    cb: &'a mut [T],
+    /// (input, output) state buffers of the step.
+    h: (Ptr<T>, Ptr<T>),
+    c: (Ptr<T>, Ptr<T>),
+    scratch: &'a mut [T],
     out: FwdOut<T>,
 }
 
-impl<C: Cell, T: Float> Kernel for FwdStep<'_, '_, C, T> {
+impl<C: Cell, T: Float> Kernel for FwdTile<'_, '_, C, T> {
     type Output = ();
     #[inline(always)]
     fn run(self) {
         let sw = self.sw;
         let (h, gh) = (sw.layer.dims.hidden, sw.layer.gh());
-        let ch = if C::HAS_C { h } else { 0 };
         let sv = C::SAVED * h;
-        let out = self.out;
-        let rows = self.hb.chunks_exact_mut(h).zip(self.hw.chunks_exact_mut(gh));
-        let mut cb_rows = self.cb.chunks_exact_mut(ch.max(1));
-        for (r, (h_new, hw)) in rows.enumerate().take(self.active) {
+        let (out, s) = (self.out, self.s);
+        let ((u0, u1), (r0, r1)) = (sw.units[self.ub], self.rows);
+        let (w, n) = (u1 - u0, r1 - r0);
+        let gw = C::GATES * w;
+        let (hw, rest) = self.scratch.split_at_mut(n * gw);
+        let (xl, rest) = rest.split_at_mut(gw);
+        let saved = &mut rest[..C::SAVED * w];
+        // SAFETY: no one writes the step's input state during the step.
+        let h_in = unsafe { self.h.0.read(r0 * h, n * h) };
+        matmul_packed(
+            MatMut::new(hw, n, gw, gw),
+            false,
+            Mat::new(h_in, n, h, h),
+            &sw.w_hh[self.ub],
+        );
+        let (b_ih, b_hh) = sw.bias[self.ub].split_at(gw);
+        for (i, hw) in hw.chunks_exact_mut(gw).enumerate() {
+            let r = r0 + i;
             let (b, len) = (self.perm[r], self.lens[r]);
-            let xr = sw.layer.row(time_of(len, self.s, sw.reverse), b);
-            let c_new: &mut [T] = if C::HAS_C {
-                cb_rows.next().expect("c row")
-            } else {
-                empty()
-            };
-            let h_prev = &self.ha[r * h..(r + 1) * h];
-            // SAFETY: row xr of the kept buffers belongs to this (t, b) only.
-            let saved = match out.keep {
-                Some((sp, hp)) => unsafe {
-                    hp.slice(xr * h, h).copy_from_slice(h_prev);
-                    sp.slice(xr * sv, sv)
-                },
-                None => empty(),
-            };
-            sw.cell.forward(
-                Fwd {
-                    xw: &self.xw[xr * gh..(xr + 1) * gh],
-                    hw,
-                    b_ih: sw.w.b_ih,
-                    b_hh: sw.w.b_hh,
-                    h_prev,
-                    c_prev: &self.ca[r * ch..(r + 1) * ch],
-                    h: &mut *h_new,
-                    c: &mut *c_new,
-                    saved,
-                },
-                out.keep.is_some(),
-            );
-            // SAFETY: y row xr (this direction's columns) and hn / cn row b belong to this
-            // sequence only.
+            let xr = sw.layer.row(time_of(len, s, sw.reverse), b);
+            for (g, x) in xl.chunks_exact_mut(w).enumerate() {
+                x.copy_from_slice(&self.xw[xr * gh + g * h + u0..][..w]);
+            }
+            let h_prev = &h_in[i * h + u0..][..w];
+            // SAFETY: this block alone writes units [u0, u1) of row r of the output state, of row
+            // xr of the kept buffers and of y, and of row b of hn / cn; no one writes the input
+            // state during the step.
             unsafe {
-                out.y.slice(xr * out.ldy, h).copy_from_slice(h_new);
-                if len == self.s + 1 {
-                    out.hn.slice(b * h, h).copy_from_slice(h_new);
+                let (c_prev, c_new): (&[T], &mut [T]) = if C::HAS_C {
+                    (self.c.0.read(r * h + u0, w), self.c.1.slice(r * h + u0, w))
+                } else {
+                    (&[], empty())
+                };
+                let h_new = self.h.1.slice(r * h + u0, w);
+                if let Some((_, hp)) = out.keep {
+                    hp.slice(xr * h + u0, w).copy_from_slice(h_prev);
+                }
+                sw.cell.forward(
+                    Fwd {
+                        xw: xl,
+                        hw,
+                        b_ih,
+                        b_hh,
+                        h_prev,
+                        c_prev,
+                        h: &mut *h_new,
+                        c: &mut *c_new,
+                        saved: &mut *saved,
+                    },
+                    out.keep.is_some(),
+                );
+                if let Some((sp, _)) = out.keep {
+                    for (k, v) in saved.chunks_exact(w).enumerate() {
+                        sp.slice(xr * sv + k * h + u0, w).copy_from_slice(v);
+                    }
+                }
+                out.y.slice(xr * out.ldy + u0, w).copy_from_slice(h_new);
+                if len == s + 1 {
+                    out.hn.slice(b * h + u0, w).copy_from_slice(h_new);
                     if C::HAS_C {
-                        out.cn.slice(b * h, h).copy_from_slice(c_new);
+                        out.cn.slice(b * h + u0, w).copy_from_slice(c_new);
                     }
                 }
             }
@@ -843,13 +897,18 @@ fn backward_impl<C: Cell, T: Float>(
         } else {
             Vec::new()
         };
-        let w_hh = PackedB::new(Mat::new(w.w_hh, gh, h, h));
+        let units = unit_blocks(h);
+        let w_hh: Vec<_> = units
+            .iter()
+            .map(|&(u0, u1)| PackedB::new(vec![Mat::new(&w.w_hh[u0..], gh, u1 - u0, h)]))
+            .collect();
         let sw = Sweep {
             cell,
             layer,
             plan: &tape.plan,
-            w,
+            units: &units,
             w_hh: &w_hh,
+            bias: &[],
             reverse: dir == 1,
         };
         let inp = BwdIn {
@@ -869,7 +928,7 @@ fn backward_impl<C: Cell, T: Float>(
             dh_seq: dh_seq.map(|p| p.at(dir * h)),
         };
         tape.plan
-            .for_each_slice(threads, |off, n, gt| sw.backward_slice(off, n, gt, &inp, out));
+            .for_each_slice(threads, |off, n, team| sw.backward_slice(off, n, team, &inp, out));
         // Deferred weight gradients: one GEMM each over all the (valid) rows.
         let (dgx, dgh_all, hprev) = match &tape.valid {
             Some(idx) => (
@@ -942,7 +1001,12 @@ struct BwdOut<T> {
 }
 
 impl<C: Cell, T: Float> Sweep<'_, C, T> {
-    fn backward_slice(&self, off: usize, n: usize, gt: usize, inp: &BwdIn<'_, T>, out: BwdOut<T>) {
+    /// The backward time loop of one batch slice, cut into blocks as the forward's. Iteration
+    /// `i` handles step `s = steps - 1 - i`: each block first adds the recurrent part
+    /// `dG_{s+1} W_hh` to its units of dL/dh_s, then runs their pointwise pass, which writes its
+    /// units' gate gradients of step s (double-buffered: iteration i reads buffer `(i + 1) % 2`
+    /// whole and writes its blocks of buffer `i % 2`). A last iteration finishes dL/dh_0.
+    fn backward_slice(&self, off: usize, n: usize, members: usize, inp: &BwdIn<'_, T>, out: BwdOut<T>) {
         if n == 0 {
             return;
         }
@@ -952,8 +1016,7 @@ impl<C: Cell, T: Float> Sweep<'_, C, T> {
         let lens = &self.plan.lens[off..off + n];
         let mut dh = vec![T::ZERO; n * h];
         let mut dc = vec![T::ZERO; n * ch];
-        let mut dgh = vec![T::ZERO; n * gh];
-        let zeros = vec![T::ZERO; h];
+        let mut dgh = [vec![T::ZERO; n * gh], vec![T::ZERO; n * gh]];
         for (r, &b) in perm.iter().enumerate() {
             if let Some(s) = inp.dhn {
                 dh[r * h..(r + 1) * h].copy_from_slice(&s[b * h..(b + 1) * h]);
@@ -962,68 +1025,62 @@ impl<C: Cell, T: Float> Sweep<'_, C, T> {
                 dc[r * ch..(r + 1) * ch].copy_from_slice(&s[b * ch..(b + 1) * ch]);
             }
         }
-        let mut active = 0;
-        for s in (0..lens[0]).rev() {
-            while active < n && lens[active] > s {
-                active += 1;
+        let [ga, gb] = &mut dgh;
+        let dgh = [Ptr::new(ga), Ptr::new(gb)];
+        let (dh, dc) = (Ptr::new(&mut dh), Ptr::new(&mut dc));
+        let zeros = vec![T::ZERO; h];
+        let steps = lens[0];
+        let active = active_rows(lens);
+        let tiles = Tiles::new(n, self.units.len());
+        let w = widest(self.units);
+        let scratch = || vec![T::ZERO; (2 * C::GATES + C::SAVED) * w];
+        team::run(tiles.count(), members, steps + 1, scratch, |scratch, j, i| {
+            let (ub, r0, r1) = tiles.get(j, if i < steps { active[steps - 1 - i] } else { n });
+            if r0 < r1 {
+                dispatch(BwdTile {
+                    sw: self,
+                    step: (i < steps).then(|| steps - 1 - i),
+                    ub,
+                    rows: (r0, r1),
+                    ran_next: if i > 0 { active[steps - i] } else { 0 },
+                    perm,
+                    lens,
+                    inp,
+                    zeros: &zeros,
+                    dh,
+                    dc,
+                    dgh: (dgh[(i + 1) % 2], dgh[i % 2]),
+                    scratch,
+                    out,
+                });
             }
-            split_rows(
-                active,
-                gh,
-                gt,
-                [(&mut dh, h), (&mut dc, ch), (&mut dgh, gh)],
-                |r0, r1, [dh, dc, dgh]| {
-                    dispatch(BwdStep {
-                        sw: self,
-                        s,
-                        perm: &perm[r0..r1],
-                        lens: &lens[r0..r1],
-                        active: r1 - r0,
-                        inp,
-                        zeros: &zeros,
-                        dh,
-                        dc,
-                        dgh,
-                        out,
-                    })
-                },
-            );
-            matmul_packed(
-                MatMut::new(&mut dh, active, h, h),
-                true,
-                Mat::new(&dgh, active, gh, gh),
-                self.w_hh,
-                gt,
-            );
-        }
-        for (r, &b) in perm.iter().enumerate() {
-            // SAFETY: row b of dh0 / dc0 belongs to this sequence only.
-            unsafe {
-                out.dh0.slice(b * h, h).copy_from_slice(&dh[r * h..(r + 1) * h]);
-                if C::HAS_C {
-                    out.dc0.slice(b * h, h).copy_from_slice(&dc[r * h..(r + 1) * h]);
-                }
-            }
-        }
+        });
     }
 }
 
-/// The pointwise part of one backward step, over the active rows of a slice.
-struct BwdStep<'a, 'w, C, T> {
+/// One block of a backward iteration.
+struct BwdTile<'a, 'w, C, T> {
     sw: &'a Sweep<'w, C, T>,
-    s: usize,
+    /// The step whose pointwise pass this iteration runs (None: the last iteration).
+    step: Option<usize>,
+    ub: usize,
+    rows: (usize, usize),
+    /// How many rows ran the next step (whose gate gradients reach dL/dh_s through W_hh).
+    ran_next: usize,
     perm: &'a [usize],
     lens: &'a [usize],
-    active: usize,
     inp: &'a BwdIn<'a, T>,
     zeros: &'a [T],
-    dh: &'a mut [T],
-    dc: &'a mut [T],
-    dgh: &'a mut [T],
+    dh: Ptr<T>,
+    dc: Ptr<T>,
+    /// The recurrent-side gate gradients of the next step (read) and of this one (written),
+    /// compact rows.
+    dgh: (Ptr<T>, Ptr<T>),
+    scratch: &'a mut [T],
     out: BwdOut<T>,
 }
 
-impl<C: Cell, T: Float> Kernel for BwdStep<'_, '_, C, T> {
+impl<C: Cell, T: Float> Kernel for BwdTile<'_, '_, C, T> {
     type Output = ();
     #[inline(always)]
     fn run(self) {
@@ -1031,46 +1088,85 @@ impl<C: Cell, T: Float> Kernel for BwdStep<'_, '_, C, T> {
         let layer = sw.layer;
         let (h, gh) = (layer.dims.hidden, layer.gh());
         let sv = C::SAVED * h;
-        let (inp, out, s) = (self.inp, self.out, self.s);
-        let mut dc_rows = self.dc.chunks_exact_mut(if C::HAS_C { h } else { 1 });
-        let rows = self.dh.chunks_exact_mut(h).zip(self.dgh.chunks_exact_mut(gh));
-        for (r, (dh, dgh)) in rows.enumerate().take(self.active) {
-            let (b, len) = (self.perm[r], self.lens[r]);
-            let xr = layer.row(time_of(len, s, sw.reverse), b);
-            let (dc, c_prev): (&mut [T], &[T]) = if C::HAS_C {
-                let c_prev = if s > 0 {
-                    let pr = layer.row(time_of(len, s - 1, sw.reverse), b);
-                    &inp.kept.saved[pr * sv + C::C_AT * h..][..h]
-                } else {
-                    inp.c0.map_or(self.zeros, |c0| &c0[b * h..(b + 1) * h])
-                };
-                (dc_rows.next().expect("dc row"), c_prev)
-            } else {
-                (empty(), &[])
-            };
-            let dy = &inp.dy[xr * inp.ldy..][..h];
-            if let Some(p) = out.dh_seq {
-                // SAFETY: this direction's block of row xr belongs to this (t, b) only.
-                let total = unsafe { p.slice(xr * inp.ldy, h) };
-                for ((t, &y), &d) in total.iter_mut().zip(dy).zip(dh.iter()) {
-                    *t = y + d;
+        let (inp, out) = (self.inp, self.out);
+        let ((u0, u1), (r0, r1)) = (sw.units[self.ub], self.rows);
+        let (w, gw) = (u1 - u0, C::GATES * (u1 - u0));
+        let next = self.ran_next.min(r1).saturating_sub(r0);
+        // SAFETY (here and below): this block alone touches units [u0, u1) of rows [r0, r1) of
+        // dh, dc and the written dgh, and those units of row xr of dgx, dgh_all and dh_seq, and
+        // of row b of dh0 / dc0; no one writes the read dgh during the iteration.
+        unsafe {
+            if next > 0 {
+                let dst = MatMut::from_raw(self.dh.0.add(r0 * h + u0), next, w, h);
+                let dgh_next = self.dgh.0.read(r0 * gh, next * gh);
+                matmul_packed(dst, true, Mat::new(dgh_next, next, gh, gh), &sw.w_hh[self.ub]);
+            }
+        }
+        let Some(s) = self.step else {
+            for r in r0..r1 {
+                let b = self.perm[r];
+                unsafe {
+                    out.dh0
+                        .slice(b * h + u0, w)
+                        .copy_from_slice(self.dh.read(r * h + u0, w));
+                    if C::HAS_C {
+                        out.dc0
+                            .slice(b * h + u0, w)
+                            .copy_from_slice(self.dc.read(r * h + u0, w));
+                    }
                 }
             }
-            // SAFETY: row xr of dgx belongs to this (t, b) only.
-            let dgx = unsafe { out.dgx.slice(xr * gh, gh) };
-            sw.cell.backward(Bwd {
-                dy,
-                dh,
-                dc,
-                saved: &inp.kept.saved[xr * sv..(xr + 1) * sv],
-                h_prev: &inp.kept.hprev[xr * h..(xr + 1) * h],
-                c_prev,
-                dgx,
-                dgh,
-            });
-            if C::SPLIT_DGH {
-                // SAFETY: as for dgx.
-                unsafe { out.dgh_all.slice(xr * gh, gh).copy_from_slice(dgh) };
+            return;
+        };
+        let (saved, rest) = self.scratch.split_at_mut(C::SAVED * w);
+        let (dgx, rest) = rest.split_at_mut(gw);
+        let dgh = &mut rest[..gw];
+        for r in r0..r1 {
+            let (b, len) = (self.perm[r], self.lens[r]);
+            let xr = layer.row(time_of(len, s, sw.reverse), b);
+            let c_prev: &[T] = if !C::HAS_C {
+                &[]
+            } else if s > 0 {
+                let pr = layer.row(time_of(len, s - 1, sw.reverse), b);
+                &inp.kept.saved[pr * sv + C::C_AT * h + u0..][..w]
+            } else {
+                inp.c0.map_or(&self.zeros[..w], |c0| &c0[b * h + u0..][..w])
+            };
+            for (k, v) in saved.chunks_exact_mut(w).enumerate() {
+                v.copy_from_slice(&inp.kept.saved[xr * sv + k * h + u0..][..w]);
+            }
+            let dy = &inp.dy[xr * inp.ldy + u0..][..w];
+            unsafe {
+                let dh = self.dh.slice(r * h + u0, w);
+                let dc = if C::HAS_C {
+                    self.dc.slice(r * h + u0, w)
+                } else {
+                    empty()
+                };
+                if let Some(p) = out.dh_seq {
+                    let total = p.slice(xr * inp.ldy + u0, w);
+                    for ((t, &y), &d) in total.iter_mut().zip(dy).zip(dh.iter()) {
+                        *t = y + d;
+                    }
+                }
+                sw.cell.backward(Bwd {
+                    dy,
+                    dh,
+                    dc,
+                    saved,
+                    h_prev: &inp.kept.hprev[xr * h + u0..][..w],
+                    c_prev,
+                    dgx: &mut *dgx,
+                    dgh: &mut *dgh,
+                });
+                for g in 0..C::GATES {
+                    let (x, y) = (&dgx[g * w..(g + 1) * w], &dgh[g * w..(g + 1) * w]);
+                    out.dgx.slice(xr * gh + g * h + u0, w).copy_from_slice(x);
+                    self.dgh.1.slice(r * gh + g * h + u0, w).copy_from_slice(y);
+                    if C::SPLIT_DGH {
+                        out.dgh_all.slice(xr * gh + g * h + u0, w).copy_from_slice(y);
+                    }
+                }
             }
         }
     }

@@ -201,10 +201,11 @@ def test_initial_state(cell):
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-@pytest.mark.parametrize("hidden", [1, 7, 19, 33])
+@pytest.mark.parametrize("hidden", [1, 7, 19, 33, 136])
 @pytest.mark.parametrize("cell", CELLS)
 def test_forward_hidden_sizes_and_saturation(cell, hidden, dtype):
-    """Hidden sizes around the SIMD widths, and inputs large enough to saturate the gates."""
+    """Hidden sizes around the SIMD widths and one cut into unit blocks of uneven widths (136:
+    72 + 64), and inputs large enough to saturate the gates."""
     rng = np.random.default_rng(hidden)
     layer = make_layer(cell, 5, hidden, 2, bidirectional=True, dtype=dtype, seed=1)
     scales = (1.0, 30.0) if cell == "rnn_relu" else (1.0, 30.0, 1000.0)

@@ -322,3 +322,41 @@ def test_hidden_grads_zero_at_padding_and_one_array_per_stacked_layer():
         assert g.shape == y.shape
         for b, n in enumerate(lengths):
             assert not g[b, n:].any() and np.abs(g[b, :n]).min() > 0
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_gradients_of_steps_cut_into_blocks(cell):
+    """A step large enough to be cut into blocks of hidden units (136 = 72 + 64) and of rows
+    (37 sequences in two parts), bidirectional, with lengths: every gradient against central
+    differences of the reference along three random directions (the full finite-difference
+    check would need tens of thousands of forwards)."""
+    rng = np.random.default_rng(5)
+    batch, seq_len, hidden = 37, 5, 136
+    layer = make_layer(cell, IN, hidden, 1, bidirectional=True, dtype=np.float64, seed=8)
+    x = rng.standard_normal((batch, seq_len, IN))
+    state = random_state(rng, layer, batch)
+    lengths = mixed_lengths(batch, seq_len, rng)
+    sshape = (2, batch, hidden)
+    wy, wh, wc = loss_weights(rng, (batch, seq_len, 2 * hidden), sshape, layer._has_c)
+    value, dx, dh0, dc0, grads = run_layer_gradients(layer, x, state, lengths, wy, wh, wc)
+    params = {k: v.copy() for k, v in layer.params.items()}
+    h0, c0 = (a.copy() if a is not None else None for a in split_state(state))
+    inputs = {"x": (x.copy(), dx), "h0": (h0, dh0)} | {k: (params[k], grads[k]) for k in params}
+    if c0 is not None:
+        inputs["c0"] = (c0, dc0)
+
+    def f():
+        y, hn, cn = reference_forward(cell, params, inputs["x"][0], h0, c0, lengths)
+        return loss(y, hn, cn, wy, wh, wc)
+
+    assert abs(f() - value) <= 1e-10 * max(1.0, abs(value))
+    for name, (a, grad) in inputs.items():
+        for _ in range(3):
+            v = rng.standard_normal(a.shape)
+            a += EPS * v
+            up = f()
+            a -= 2 * EPS * v
+            down = f()
+            a += EPS * v
+            numeric, analytic = (up - down) / (2 * EPS), float(np.sum(grad * v))
+            assert abs(numeric - analytic) <= 1e-6 * max(1.0, abs(analytic)), (name, numeric, analytic)

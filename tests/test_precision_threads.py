@@ -60,15 +60,15 @@ def test_float32_close_to_float64(cell, batch, hidden):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize(("batch", "hidden"), [(1, 32), (8, 32), (40, 32), (130, 32), (200, 32), (64, 256)])
+@pytest.mark.parametrize(("batch", "hidden"), [(1, 32), (8, 32), (40, 32), (130, 32), (200, 32), (64, 256), (37, 136)])
 @pytest.mark.parametrize("cell", CELLS)
 def test_one_thread_equals_two_threads(cell, batch, hidden, dtype, num_threads):
     """Forward and backward give bitwise the same results with 1 and 2 kernel threads, with and
     without lengths, including batches large enough (130, 200) to be cut into slices that run their
     own time loops. (The GEMM crate's rounding depends on a product's row count, see
     test_batch_composition_rounding_is_ulp_level, so this needs the slicing to depend on the batch
-    alone, never on the thread count.) At (64, 256) each step's pointwise pass is large enough to be
-    split across the threads.
+    alone, never on the thread count.) At (64, 256), (40, 32) and (37, 136) each step is cut into
+    blocks of hidden units, of rows, or both, that the threads share.
     """
     rng = np.random.default_rng(batch)
     for batch_first in (True, False):

@@ -1,0 +1,211 @@
+//! Step-synchronised work for the time loop: a step is cut into a fixed number of blocks, the
+//! blocks of a step need every block of the previous step done, and the threads of a team share
+//! the blocks with one synchronisation per step (a counter of blocks done) instead of a fork and
+//! a join per product and per pointwise pass.
+//!
+//! Each member owns the blocks `j ≡ member (mod members)` and runs them step after step, so that
+//! its share of the weights stays in its own cache. A block its owner has not claimed in time is
+//! taken by whoever is free (at once while a member has not started yet, after a short grace
+//! afterwards), so the loop never waits for a thread that the OS or rayon has not scheduled:
+//! every block is claimed exactly once, by a thread that is running, and a thread only waits for
+//! blocks already claimed, which makes the scheme free of deadlocks whatever the pool does.
+//! The work function must not use the rayon pool itself (a member waiting in a nested rayon call
+//! could be handed another member's loop).
+
+use rayon::prelude::*;
+use std::hint::spin_loop;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+/// How long a member leaves a started owner to claim its block before taking it.
+const GRACE: Duration = Duration::from_micros(20);
+/// Spins on a counter between yields of the CPU (for when there are more threads than cores).
+const SPINS: u32 = 1 << 12;
+
+/// A counter on a cache line of its own (the members write them from different cores).
+#[repr(align(128))]
+struct Counter(AtomicUsize);
+
+impl Counter {
+    fn new() -> Self {
+        Counter(AtomicUsize::new(0))
+    }
+}
+
+struct Team {
+    blocks: usize,
+    members: usize,
+    /// `claims[j]`: the next step whose block `j` is free to claim.
+    claims: Vec<Counter>,
+    /// Blocks done over all steps.
+    done: Counter,
+    /// Members that have started.
+    joined: Counter,
+    /// A block panicked: the others stop waiting and the panic reaches the caller.
+    failed: AtomicBool,
+}
+
+/// Run `work(scratch, block, step)` for every block of every step, steps in order, on up to
+/// `members` threads of the current rayon pool. `init` makes each member's scratch.
+pub fn run<S>(
+    blocks: usize,
+    members: usize,
+    steps: usize,
+    init: impl Fn() -> S + Sync,
+    work: impl Fn(&mut S, usize, usize) + Sync,
+) {
+    let members = members.clamp(1, blocks.max(1));
+    let team = Team {
+        blocks,
+        members,
+        claims: (0..blocks).map(|_| Counter::new()).collect(),
+        done: Counter::new(),
+        joined: Counter::new(),
+        failed: AtomicBool::new(false),
+    };
+    let member = |p: usize| team.member(p, steps, &mut init(), &work);
+    if members == 1 {
+        member(0);
+    } else {
+        (0..members).into_par_iter().for_each(member);
+    }
+}
+
+/// Marks the team failed if dropped during a panic.
+struct Guard<'a>(&'a AtomicBool);
+
+impl Drop for Guard<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Team {
+    fn member<S>(&self, p: usize, steps: usize, scratch: &mut S, work: &impl Fn(&mut S, usize, usize)) {
+        self.joined.0.fetch_add(1, Ordering::Relaxed);
+        let mut take = |j: usize, s: usize| {
+            let free = self.claims[j]
+                .0
+                .compare_exchange(s, s + 1, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok();
+            if free {
+                let guard = Guard(&self.failed);
+                work(scratch, j, s);
+                drop(guard);
+                self.done.0.fetch_add(1, Ordering::Release);
+            }
+        };
+        for s in 0..steps {
+            if !self.wait_done(s * self.blocks) {
+                return;
+            }
+            for j in (p..self.blocks).step_by(self.members) {
+                take(j, s);
+            }
+            // The others' blocks: wait a little for a started owner, then take what is left.
+            let mut deadline = None;
+            for j in (0..self.blocks).filter(|j| j % self.members != p) {
+                let mut spins = 0;
+                while self.claims[j].0.load(Ordering::Relaxed) == s
+                    && self.joined.0.load(Ordering::Relaxed) == self.members
+                    && Instant::now() < *deadline.get_or_insert_with(|| Instant::now() + GRACE)
+                {
+                    pause(&mut spins);
+                }
+                take(j, s);
+            }
+        }
+    }
+
+    /// Wait until `target` blocks are done, with what they wrote visible. False if a block
+    /// panicked instead.
+    fn wait_done(&self, target: usize) -> bool {
+        let mut spins = 0;
+        while self.done.0.load(Ordering::Acquire) < target {
+            if self.failed.load(Ordering::Relaxed) {
+                return false;
+            }
+            pause(&mut spins);
+        }
+        true
+    }
+}
+
+/// One turn of a wait loop: a spin hint, and now and then a yield.
+#[inline]
+fn pause(spins: &mut u32) {
+    *spins += 1;
+    if *spins % SPINS == 0 {
+        std::thread::yield_now();
+    } else {
+        spin_loop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    /// Every block of every step runs once, after every block of the previous step, with one
+    /// member, with as many members as blocks, with more members than blocks, and with more
+    /// members than the pool has threads.
+    #[test]
+    fn blocks_run_once_in_step_order() {
+        for (blocks, members, threads) in [
+            (1, 1, 1),
+            (3, 1, 1),
+            (4, 2, 2),
+            (2, 2, 2),
+            (2, 5, 5),
+            (7, 3, 3),
+            (4, 4, 1),
+        ] {
+            let steps = 50;
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            let log = Mutex::new(Vec::new());
+            let finished: Vec<AtomicUsize> = (0..blocks).map(|_| AtomicUsize::new(0)).collect();
+            pool.install(|| {
+                run(
+                    blocks,
+                    members,
+                    steps,
+                    || (),
+                    |_, j, s| {
+                        for f in &finished {
+                            assert!(f.load(Ordering::SeqCst) >= s, "block {j} of step {s} started early");
+                        }
+                        log.lock().unwrap().push((s, j));
+                        finished[j].fetch_add(1, Ordering::SeqCst);
+                    },
+                )
+            });
+            let mut log = log.into_inner().unwrap();
+            log.sort_unstable();
+            let want: Vec<_> = (0..steps).flat_map(|s| (0..blocks).map(move |j| (s, j))).collect();
+            assert_eq!(log, want, "blocks={blocks} members={members} threads={threads}");
+        }
+    }
+
+    /// A panicking block reaches the caller instead of leaving the other members waiting.
+    #[test]
+    fn a_panic_ends_the_team() {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            pool.install(|| {
+                run(
+                    2,
+                    2,
+                    100,
+                    || (),
+                    |_, j, s| {
+                        assert!(!(j == 1 && s == 10), "boom");
+                    },
+                )
+            })
+        }));
+        assert!(result.is_err());
+    }
+}
