@@ -4,21 +4,19 @@
 //! a join per product and per pointwise pass.
 //!
 //! Each member owns the blocks `j ≡ member (mod members)` and runs them step after step, so that
-//! its share of the weights stays in its own cache. A block its owner has not claimed in time is
-//! taken by whoever is free (at once while a member has not started yet, after a short grace
-//! afterwards), so the loop never waits for a thread that the OS or rayon has not scheduled:
-//! every block is claimed exactly once, by a thread that is running, and a thread only waits for
-//! blocks already claimed, which makes the scheme free of deadlocks whatever the pool does.
+//! its share of the weights stays in its own cache; a member done with its own blocks takes those
+//! of the step that no one has claimed yet. So the loop never waits for a thread that the OS has
+//! not scheduled (a sleeping thread can take milliseconds to wake on a VM) and balances itself
+//! when one core runs slower: every block is claimed exactly once, by a thread that is running,
+//! and a thread only waits for blocks already claimed, which makes the scheme free of deadlocks
+//! whatever the pool does.
 //! The work function must not use the rayon pool itself (a member waiting in a nested rayon call
 //! could be handed another member's loop).
 
 use rayon::prelude::*;
 use std::hint::spin_loop;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
 
-/// How long a member leaves a started owner to claim its block before taking it.
-const GRACE: Duration = Duration::from_micros(20);
 /// Spins on a counter between yields of the CPU (for when there are more threads than cores).
 const SPINS: u32 = 1 << 12;
 
@@ -39,8 +37,6 @@ struct Team {
     claims: Vec<Counter>,
     /// Blocks done over all steps.
     done: Counter,
-    /// Members that have started.
-    joined: Counter,
     /// A block panicked: the others stop waiting and the panic reaches the caller.
     failed: AtomicBool,
 }
@@ -60,7 +56,6 @@ pub fn run<S>(
         members,
         claims: (0..blocks).map(|_| Counter::new()).collect(),
         done: Counter::new(),
-        joined: Counter::new(),
         failed: AtomicBool::new(false),
     };
     let member = |p: usize| team.member(p, steps, &mut init(), &work);
@@ -84,7 +79,6 @@ impl Drop for Guard<'_> {
 
 impl Team {
     fn member<S>(&self, p: usize, steps: usize, scratch: &mut S, work: &impl Fn(&mut S, usize, usize)) {
-        self.joined.0.fetch_add(1, Ordering::Relaxed);
         let mut take = |j: usize, s: usize| {
             let free = self.claims[j]
                 .0
@@ -101,19 +95,9 @@ impl Team {
             if !self.wait_done(s * self.blocks) {
                 return;
             }
-            for j in (p..self.blocks).step_by(self.members) {
-                take(j, s);
-            }
-            // The others' blocks: wait a little for a started owner, then take what is left.
-            let mut deadline = None;
-            for j in (0..self.blocks).filter(|j| j % self.members != p) {
-                let mut spins = 0;
-                while self.claims[j].0.load(Ordering::Relaxed) == s
-                    && self.joined.0.load(Ordering::Relaxed) == self.members
-                    && Instant::now() < *deadline.get_or_insert_with(|| Instant::now() + GRACE)
-                {
-                    pause(&mut spins);
-                }
+            // Its own blocks first, then whatever the others have not claimed yet.
+            let own = (p..self.blocks).step_by(self.members);
+            for j in own.chain((0..self.blocks).filter(|j| j % self.members != p)) {
                 take(j, s);
             }
         }
