@@ -275,19 +275,57 @@ pub fn dispatch<K: Kernel>(k: K) -> K::Output {
     }
 }
 
-/// Set flush-to-zero and denormals-are-zero for the calling thread (the kernel threads only:
-/// see `threads.rs`). Denormal arithmetic is up to 100x slower on x86 and the values it would
+/// FTZ (bit 15) and DAZ (bit 6) of MXCSR.
+#[cfg(target_arch = "x86_64")]
+const FTZ_DAZ: u32 = 0x8040;
+
+#[cfg(target_arch = "x86_64")]
+fn mxcsr() -> u32 {
+    let mut csr: u32 = 0;
+    // SAFETY: reading MXCSR has no side effect.
+    unsafe { std::arch::asm!("stmxcsr [{}]", in(reg) &mut csr, options(nostack)) };
+    csr
+}
+
+#[cfg(target_arch = "x86_64")]
+fn set_mxcsr(csr: u32) {
+    // SAFETY: writing MXCSR only changes this thread's floating-point mode.
+    unsafe { std::arch::asm!("ldmxcsr [{}]", in(reg) &csr, options(nostack)) };
+}
+
+/// Set flush-to-zero and denormals-are-zero for the calling thread (the kernel threads: see
+/// `threads.rs`). Denormal arithmetic is up to 100x slower on x86 and the values it would
 /// produce are far below what a float32 network can resolve.
 pub fn flush_denormals() {
     #[cfg(target_arch = "x86_64")]
-    {
-        let mut csr: u32 = 0;
-        // SAFETY: reading and writing MXCSR only changes this thread's floating-point mode.
-        unsafe {
-            std::arch::asm!("stmxcsr [{}]", in(reg) &mut csr, options(nostack));
-            csr |= 0x8040; // FTZ (bit 15) | DAZ (bit 6)
-            std::arch::asm!("ldmxcsr [{}]", in(reg) &csr, options(nostack));
+    set_mxcsr(mxcsr() | FTZ_DAZ);
+}
+
+/// [`flush_denormals`] for as long as the guard lives, for kernels that run on the caller's own
+/// thread, whose floating-point mode comes back when it drops.
+pub struct DenormalsFlushed {
+    #[cfg(target_arch = "x86_64")]
+    saved: u32,
+}
+
+impl DenormalsFlushed {
+    #[allow(clippy::new_without_default)]
+    pub fn new() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let saved = mxcsr();
+            set_mxcsr(saved | FTZ_DAZ);
+            DenormalsFlushed { saved }
         }
+        #[cfg(not(target_arch = "x86_64"))]
+        DenormalsFlushed {}
+    }
+}
+
+impl Drop for DenormalsFlushed {
+    fn drop(&mut self) {
+        #[cfg(target_arch = "x86_64")]
+        set_mxcsr(self.saved);
     }
 }
 

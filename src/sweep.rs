@@ -1255,6 +1255,7 @@ pub fn step<T: Float>(
     } else if c.is_some() {
         return Err(Error::Value(format!("c is only for LSTM layers, not {}", cell.name())));
     }
+    let _mode = crate::simd::DenormalsFlushed::new(); // as on the kernel threads
     crate::with_cell!(cell, cell: C => step_impl::<C, T>(cell, x, batch, hidden, layers, h, c, h_out, c_out));
     Ok(())
 }

@@ -1,11 +1,14 @@
 //! The kernel thread pool: its size (`set_num_threads`) and the denormal mode of its threads.
 //!
 //! Every kernel call runs inside this pool, so rayon work from the sweep and from the GEMM crate
-//! shares one set of threads (never more than `num_threads` busy at once) and the caller's own
-//! thread keeps its floating-point mode.
+//! shares one set of threads (never more than `num_threads` busy at once); with one thread it runs
+//! on the caller's thread, with denormals flushed for the call only, so that the caller's thread
+//! keeps its floating-point mode either way.
 
 use crate::error::Error;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
 
 struct Pool {
     threads: usize,
@@ -62,8 +65,32 @@ pub fn get_num_threads() -> usize {
     current().map_or(1, |(n, _)| n)
 }
 
-/// Run `f(threads)` on the kernel pool.
+/// How long the kernel threads stay awake after a call, waiting for the next one.
+const LINGER: Duration = Duration::from_micros(1000);
+
+/// Kernel calls started so far: a lingering thread stops waiting when this changes.
+static CALLS: AtomicUsize = AtomicUsize::new(0);
+
+/// Run `f(threads)` on the kernel pool (with one thread, on the calling thread).
+///
+/// Afterwards the pool's threads spin for up to [`LINGER`] before rayon lets them sleep, as
+/// OpenMP's and ONNX Runtime's pools do: a sleeping thread can take milliseconds to wake (1-4 ms
+/// on the 2-core VM of the README), longer than a whole call at batch 1, so without this the
+/// second core would sit out most of a stream of short calls.
 pub fn run<R: Send>(f: impl FnOnce(usize) -> R + Send) -> Result<R, Error> {
     let (threads, pool) = current()?;
-    Ok(pool.install(|| f(threads)))
+    if threads == 1 {
+        // Nothing to share: run on the caller's thread, without waking a pool thread.
+        let _mode = crate::simd::DenormalsFlushed::new();
+        return Ok(f(1));
+    }
+    let call = CALLS.fetch_add(1, Ordering::Relaxed) + 1;
+    let out = pool.install(|| f(threads));
+    pool.spawn_broadcast(move |_| {
+        let end = Instant::now() + LINGER;
+        while CALLS.load(Ordering::Relaxed) == call && Instant::now() < end {
+            std::hint::spin_loop();
+        }
+    });
+    Ok(out)
 }

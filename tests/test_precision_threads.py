@@ -198,3 +198,17 @@ def test_non_finite_padding_does_not_leak(cell, dtype, batch_first):
                 assert np.all(a[s, n:] == 0), f"dx is not zero past the length of sequence {s}"
         assert np.all(np.isfinite(a)), f"non-finite padding leaked into {name}"
         np.testing.assert_array_equal(a, b, err_msg=name)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_callers_float_mode_is_kept(threads, num_threads):
+    """The kernels flush denormals to zero, on the pool's threads and, with one thread, on the
+    caller's own thread for the call only: NumPy's arithmetic afterwards still sees denormals."""
+    num_threads(threads)
+    layer = make_layer("lstm", 4, 8, 1, dtype=np.float32, seed=2)
+    x = np.random.default_rng(0).standard_normal((2, 5, 4)).astype(np.float32)
+    layer(x)
+    layer.eval()
+    layer.step(x[:, 0])
+    tiny = np.array([1e-39], dtype=np.float32)  # a float32 denormal
+    assert tiny[0] != 0 and (tiny * np.float32(1.0))[0] == tiny[0]
