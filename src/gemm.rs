@@ -511,17 +511,20 @@ pub struct DotArgs<T> {
 /// The dot-product kernel; unsafe: the pointers of `DotArgs` must be valid for its shapes.
 pub type DotKernel<T> = unsafe fn(&DotArgs<T>);
 
-/// The AVX2+FMA dot-product kernels: four rows of `w` at a time against one row `x`, each
-/// row's products summed in vector lanes, then across them. For one row times a matrix stored
+/// The AVX2+FMA dot-product kernels: one vector's width of rows of `w` at a time (8 in f32, 4 in
+/// f64) against one row `x`, each row's products summed in vector lanes, then the rows' lanes
+/// summed together by a tree of horizontal adds, one vector of results. For one row times a matrix stored
 /// row-major (`x W^T`, as a streaming step multiplies its input and state by the weights), this
 /// reads `W` once, in order, with no packing: the weights may change between calls.
 #[cfg(target_arch = "x86_64")]
 macro_rules! dot_kernel {
-    ($name:ident, $t:ty, $v:ty, $lanes:expr, $zero:ident, $load:ident, $fma:ident, $store:ident) => {
+    ($name:ident, $t:ty, $v:ty, $lanes:expr, $zero:ident, $load:ident, $fma:ident, $store:ident, $sums:ident) => {
         #[target_feature(enable = "avx2,fma")]
         pub(crate) unsafe fn $name(g: &DotArgs<$t>) {
             use std::arch::x86_64::*;
 
+            /// Outputs `[j, j + R)`: R dot products side by side (R independent FMA chains), their
+            /// vector accumulators summed across lanes together into one vector when R fills one.
             #[inline(always)]
             unsafe fn rows<const R: usize>(g: &DotArgs<$t>, j: usize) {
                 unsafe {
@@ -533,10 +536,17 @@ macro_rules! dot_kernel {
                             *a = $fma($load(g.w.add((j + r) * g.ldw + p)), xv, *a);
                         }
                     }
-                    for (r, a) in acc.iter().enumerate() {
-                        let mut lanes = [0.0 as $t; $lanes];
-                        $store(lanes.as_mut_ptr(), *a);
-                        let mut sum = lanes.iter().fold(0.0 as $t, |s, &v| s + v);
+                    let mut sums = [0.0 as $t; R];
+                    if R == $lanes {
+                        $store(sums.as_mut_ptr(), $sums(&acc));
+                    } else {
+                        for (s, a) in sums.iter_mut().zip(&acc) {
+                            let mut lanes = [0.0 as $t; $lanes];
+                            $store(lanes.as_mut_ptr(), *a);
+                            *s = lanes.iter().fold(0.0 as $t, |s, &v| s + v);
+                        }
+                    }
+                    for (r, mut sum) in sums.into_iter().enumerate() {
                         for p in body..g.k {
                             sum += *g.w.add((j + r) * g.ldw + p) * *g.x.add(p);
                         }
@@ -548,9 +558,9 @@ macro_rules! dot_kernel {
 
             unsafe {
                 let mut j = 0;
-                while j + 4 <= g.n {
-                    rows::<4>(g, j);
-                    j += 4;
+                while j + $lanes <= g.n {
+                    rows::<$lanes>(g, j);
+                    j += $lanes;
                 }
                 while j < g.n {
                     rows::<1>(g, j);
@@ -559,6 +569,39 @@ macro_rules! dot_kernel {
             }
         }
     };
+}
+
+/// The lane sums of eight f32 vectors, as one vector (lane r: the sum of `a[r]`).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn lane_sums_f32(a: &[std::arch::x86_64::__m256]) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    // SAFETY: AVX is enabled in the kernel that inlines this.
+    unsafe {
+        // Pairwise sums within 128-bit halves, twice: lanes (r0..r3 | r0..r3) of rows 0-3 and 4-7.
+        let q0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+        let q1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+        // Low halves plus high halves.
+        _mm256_add_ps(
+            _mm256_permute2f128_ps(q0, q1, 0x20),
+            _mm256_permute2f128_ps(q0, q1, 0x31),
+        )
+    }
+}
+
+/// The lane sums of four f64 vectors, as one vector.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn lane_sums_f64(a: &[std::arch::x86_64::__m256d]) -> std::arch::x86_64::__m256d {
+    use std::arch::x86_64::*;
+    // SAFETY: AVX is enabled in the kernel that inlines this.
+    unsafe {
+        let (h0, h1) = (_mm256_hadd_pd(a[0], a[1]), _mm256_hadd_pd(a[2], a[3]));
+        _mm256_add_pd(
+            _mm256_permute2f128_pd(h0, h1, 0x20),
+            _mm256_permute2f128_pd(h0, h1, 0x31),
+        )
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -570,7 +613,8 @@ dot_kernel!(
     _mm256_setzero_ps,
     _mm256_loadu_ps,
     _mm256_fmadd_ps,
-    _mm256_storeu_ps
+    _mm256_storeu_ps,
+    lane_sums_f32
 );
 #[cfg(target_arch = "x86_64")]
 dot_kernel!(
@@ -581,7 +625,8 @@ dot_kernel!(
     _mm256_setzero_pd,
     _mm256_loadu_pd,
     _mm256_fmadd_pd,
-    _mm256_storeu_pd
+    _mm256_storeu_pd,
+    lane_sums_f64
 );
 
 #[cfg(test)]
