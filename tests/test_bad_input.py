@@ -305,6 +305,44 @@ def test_set_num_threads_bad(num_threads):
     assert rnnkit.get_num_threads() == before
 
 
+@pytest.mark.parametrize("cell", CELLS)
+def test_step_bad(cell):
+    """`step` lets the kernel check its arguments and explains a refusal in the layer's terms."""
+    layer = make_layer(cell, IN, H, 2, seed=2)
+    lstm = cell == "lstm"
+    x = x32((B, IN))
+    state = layer.initial_state(B)
+    h, c = split_state(state)
+    raises(ValueError, "input_size=4", layer.step, x32((B, IN + 1)), state)
+    raises(ValueError, "2-dimensional", layer.step, x32((B, 1, IN)), state)
+    raises(TypeError, "floating-point", layer.step, np.ones((B, IN), dtype=np.int64), state)
+    raises(ValueError, "bidirectional", make_layer(cell, IN, H, bidirectional=True).step, x)
+    wrong_batch = layer.initial_state(B + 1)
+    raises(ValueError, r"state.*\(2, 2, 5\)", layer.step, x, wrong_batch)
+    if lstm:
+        raises(TypeError, r"tuple \(h, c\)", layer.step, x, h)
+        raises(ValueError, r"state\[1\] \(c\)", layer.step, x, (h, c[:, :, :2]))
+    else:
+        raises(ValueError, "state", layer.step, x, h[:1])
+        raises(TypeError, "state", layer.step, x, h.astype(np.int32))
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_step_converts_x(cell):
+    """A list, another float dtype or a strided view give the same step as a contiguous array."""
+    layer = make_layer(cell, IN, H, 2, seed=2)
+    layer.eval()
+    x = x32((B, IN))
+    state = layer.initial_state(B)
+    want, _ = layer.step(x, state)
+    strided = np.repeat(x, 2, axis=1)[:, ::2]
+    assert not strided.flags.c_contiguous
+    for name, v in {"list": x.tolist(), "float64": x.astype(np.float64), "strided": strided}.items():
+        y, _ = layer.step(v, state)
+        assert y.dtype == np.float32, name
+        np.testing.assert_array_equal(y, want, err_msg=name)
+
+
 # ------------------------------------------------------------------ accepted unusual inputs
 
 

@@ -60,7 +60,9 @@ def test_float32_close_to_float64(cell, batch, hidden):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize(("batch", "hidden"), [(1, 32), (8, 32), (40, 32), (130, 32), (200, 32), (64, 256), (37, 136)])
+@pytest.mark.parametrize(
+    ("batch", "hidden"), [(1, 32), (8, 32), (40, 32), (130, 32), (200, 32), (64, 256), (37, 136)]
+)
 @pytest.mark.parametrize("cell", CELLS)
 def test_one_thread_equals_two_threads(cell, batch, hidden, dtype, num_threads):
     """Forward and backward give bitwise the same results with 1 and 2 kernel threads, with and

@@ -150,10 +150,6 @@ class _Recurrent(Module):
         """
         if self.bidirectional:
             raise ValueError("step runs forward in time only; a bidirectional layer needs the whole sequence")
-        if not (type(x) is np.ndarray and x.dtype == self.dtype and x.ndim == 2 and x.flags.c_contiguous):
-            x = float_array(x, "x", self.dtype, 2)
-        if x.shape[1] != self.input_size:
-            raise ValueError(f"x has {x.shape[1]} features; expected input_size={self.input_size}")
         if state is None:
             h, c = None, None
         elif self._has_c:
@@ -162,17 +158,31 @@ class _Recurrent(Module):
             h, c = state
         else:
             h, c = state, None
+        # The kernel checks everything it is given. Only when it refuses (or x is not an array of
+        # the layer's dtype) are x and the state checked here: to convert x (a list, another
+        # dtype, a non-contiguous view) or to say what was wrong in the layer's own terms. This
+        # keeps the overhead of a step low.
+        if type(x) is not np.ndarray or x.dtype != self.dtype:
+            x = self._check_step_args(x, state)
         try:
             h_new, c_new = _core.step(self._cell, x, self._step_weights, h, c)
         except (TypeError, ValueError):
-            if state is not None:  # say what was wrong with the state in the layer's own terms
-                self._check_state(state, x.shape[0], "state")
-            raise
+            x = self._check_step_args(x, state)  # raises what was wrong, in the layer's terms,
+            h_new, c_new = _core.step(self._cell, x, self._step_weights, h, c)  # or made x contiguous
         if c_new is not None:
             return h_new[-1], (h_new, c_new)
         return h_new[-1], h_new
 
     # ------------------------------------------------------------------ argument checks
+
+    def _check_step_args(self, x: Any, state: Any) -> Array:
+        """``x`` of :meth:`step` as a (batch, input_size) array of the layer's dtype, and the state
+        checked against it; raises a clear error for anything else."""
+        arr = float_array(x, "x", self.dtype, 2)
+        if arr.shape[1] != self.input_size:
+            raise ValueError(f"x has {arr.shape[1]} features; expected input_size={self.input_size}")
+        self._check_state(state, arr.shape[0], "state")
+        return arr
 
     def _check_state(self, state: Any, batch: int, name: str) -> tuple[Array | None, Array | None]:
         if state is None:
