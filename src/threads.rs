@@ -73,10 +73,11 @@ static CALLS: AtomicUsize = AtomicUsize::new(0);
 
 /// Run `f(threads)` on the kernel pool (with one thread, on the calling thread).
 ///
-/// Afterwards the pool's threads spin for up to [`LINGER`] before rayon lets them sleep, as
-/// OpenMP's and ONNX Runtime's pools do: a sleeping thread can take milliseconds to wake (1-4 ms
-/// on the 2-core VM of the README), longer than a whole call at batch 1, so without this the
-/// second core would sit out most of a stream of short calls.
+/// Afterwards the pool's threads stay awake (yielding) for up to [`LINGER`] before rayon lets
+/// them sleep, as OpenMP's and ONNX Runtime's pools do: a sleeping thread can take milliseconds
+/// to wake (1-4 ms on the 2-core VM of the README), longer than a whole call at batch 1, so
+/// without this the second core would sit out most of a stream of short calls (a training
+/// step's forward and backward are two).
 pub fn run<R: Send>(f: impl FnOnce(usize) -> R + Send) -> Result<R, Error> {
     let (threads, pool) = current()?;
     if threads == 1 {
@@ -88,8 +89,10 @@ pub fn run<R: Send>(f: impl FnOnce(usize) -> R + Send) -> Result<R, Error> {
     let out = pool.install(|| f(threads));
     pool.spawn_broadcast(move |_| {
         let end = Instant::now() + LINGER;
+        // Yielding, not spinning: the caller's thread, back in Python between two calls, gets the
+        // core whenever it wants it.
         while CALLS.load(Ordering::Relaxed) == call && Instant::now() < end {
-            std::hint::spin_loop();
+            std::thread::yield_now();
         }
     });
     Ok(out)
