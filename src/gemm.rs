@@ -513,9 +513,9 @@ pub type DotKernel<T> = unsafe fn(&DotArgs<T>);
 
 /// The AVX2+FMA dot-product kernels: one vector's width of rows of `w` at a time (8 in f32, 4 in
 /// f64) against one row `x`, each row's products summed in vector lanes, then the rows' lanes
-/// summed together by a tree of horizontal adds, one vector of results. For one row times a matrix stored
-/// row-major (`x W^T`, as a streaming step multiplies its input and state by the weights), this
-/// reads `W` once, in order, with no packing: the weights may change between calls.
+/// summed together by a tree of horizontal adds, one vector of results. For one row times a
+/// matrix stored row-major (`x W^T`, as a streaming step multiplies its input and state by the
+/// weights), this reads `W` once, in order, with no packing: the weights may change between calls.
 #[cfg(target_arch = "x86_64")]
 macro_rules! dot_kernel {
     ($name:ident, $t:ty, $v:ty, $lanes:expr, $zero:ident, $load:ident, $fma:ident, $store:ident, $sums:ident) => {

@@ -15,8 +15,8 @@
 //!
 //! Threads. When the batch is large enough, it is cut into one slice per thread and each slice
 //! runs the whole time loop on its own (no per-step synchronisation); otherwise the threads share
-//! each step as a team (`team.rs`), cut into blocks of hidden units. The two directions of a bidirectional
-//! layer run side by side.
+//! each step as a team (`team.rs`), cut into blocks of hidden units. The two directions of a
+//! bidirectional layer run side by side.
 
 use crate::cells::{Bwd, Cell, CellKind, Fwd};
 use crate::error::{Error, Result};
