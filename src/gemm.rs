@@ -164,7 +164,8 @@ unsafe fn faer_impl<F: faer::traits::ComplexField, T>(
 }
 
 /// `dst = a * b` (or `dst += a * b` when `accumulate`), on up to `threads` threads of the
-/// current rayon pool (1: the calling thread only).
+/// current rayon pool (1: the calling thread only). Without `accumulate`, `dst` is written and
+/// never read, so it may be uninitialised memory.
 pub fn matmul<T: Float>(dst: MatMut<T>, accumulate: bool, a: Mat<T>, b: Mat<T>, threads: usize) {
     assert!(
         a.rows == dst.rows && b.cols == dst.cols && a.cols == b.rows,
@@ -284,8 +285,11 @@ unsafe impl<T: Sync> Send for PackedB<T> {}
 unsafe impl<T: Sync> Sync for PackedB<T> {}
 
 impl<T: Float> PackedB<T> {
-    /// Pack the column blocks `parts` (all with the same row count), side by side.
-    pub fn new(parts: Vec<Mat<T>>) -> Self {
+    /// Pack the column blocks `parts` (all with the same row count), side by side, for products
+    /// of up to `max_rows` rows of `A`. Products of at most [`DOT_MAX_ROWS`] rows with blocks
+    /// whose columns are contiguous go to the dot-product kernel, which reads `B` as it is: then
+    /// nothing is packed (at batch 1, packing cost about a tenth of a forward sweep).
+    pub fn new(parts: Vec<Mat<T>>, max_rows: usize) -> Self {
         let k = parts.first().map_or(0, |b| b.rows);
         assert!(
             parts.iter().all(|b| b.rows == k),
@@ -294,7 +298,8 @@ impl<T: Float> PackedB<T> {
         let n = parts.iter().map(|b| b.cols).sum::<usize>();
         let nr = T::PANEL;
         let mut data = Vec::new();
-        if T::panel_kernel().is_some() {
+        let dot = max_rows <= DOT_MAX_ROWS && T::dot_kernel().is_some() && parts.iter().all(|b| b.rs == 1);
+        if T::panel_kernel().is_some() && !dot {
             data = vec![T::ZERO; n.div_ceil(nr) * k * nr];
             // Where each column starts and its row stride; a panel is filled row by row, reading
             // its columns side by side.
@@ -642,7 +647,7 @@ mod tests {
         let bt: Vec<T> = (0..n * k).map(|i| value(i, 5, 11)).collect();
         let b = Mat::new(&bt, n, k, k).t(); // B is (k x n), column stride k
         let (j1, j2) = (n / 3, n / 3 + n / 2);
-        let pb = PackedB::new(vec![b.cols_at(0, j1), b.cols_at(j1, j2 - j1), b.cols_at(j2, n - j2)]);
+        let pb = PackedB::new(vec![b.cols_at(0, j1), b.cols_at(j1, j2 - j1), b.cols_at(j2, n - j2)], m);
         for accumulate in [false, true] {
             for threads in [1, 2] {
                 let init: Vec<T> = (0..m * n).map(|i| T::from_f64(i as f64 * 0.01)).collect();

@@ -267,6 +267,11 @@ impl Plan {
         Plan { perm, lens, slices }
     }
 
+    /// The most rows a slice has (the most a step's product can have).
+    fn max_rows(&self) -> usize {
+        self.slices.iter().map(|&(_, n)| n).max().unwrap_or(0)
+    }
+
     /// Run `f(first_row, rows, team_size)` for every slice, the slices in parallel.
     fn for_each_slice(&self, threads: usize, f: impl Fn(usize, usize, usize) + Sync) {
         let team = threads.div_ceil(self.slices.len());
@@ -524,15 +529,24 @@ fn forward_impl<C: Cell, T: Float>(
     let nrows = valid.as_ref().map_or(rows, Vec::len);
     let (yp, hnp, cnp) = (Ptr::new(y), Ptr::new(hn), Ptr::new(cn));
     let bh = d.batch * h;
+    let units = unit_blocks(h);
     let dirs = map_items(weights.to_vec(), threads, |dir, w| {
-        let mut xw = vec![T::ZERO; nrows * gh];
-        matmul(
-            MatMut::new(&mut xw, nrows, gh, gh),
-            false,
-            Mat::new(&xs, nrows, d.input, d.input),
-            Mat::new(w.w_ih, gh, d.input, d.input).t(),
-            threads,
-        );
+        // The input projection's columns come unit block by unit block (see `by_unit_block`), so
+        // that each block of a step reads its gates' inputs as one piece.
+        let w_ih = by_unit_block(w.w_ih, C::GATES, h, d.input, &units);
+        let mut xw = Vec::with_capacity(nrows * gh);
+        // SAFETY: the view covers the vector's capacity, which `matmul` fills without reading it
+        // (no accumulation), so every element is written before the length takes it in.
+        unsafe {
+            matmul(
+                MatMut::from_raw(xw.as_mut_ptr(), nrows, gh, gh),
+                false,
+                Mat::new(&xs, nrows, d.input, d.input),
+                Mat::new(&w_ih, gh, d.input, d.input).t(),
+                threads,
+            );
+            xw.set_len(nrows * gh);
+        }
         if let Some(idx) = &valid {
             let mut full = vec![T::ZERO; rows * gh];
             scatter(&mut full, idx, gh, &xw);
@@ -543,8 +557,7 @@ fn forward_impl<C: Cell, T: Float>(
             hprev: vec![T::ZERO; rows * h],
         });
         let keep = tape.as_mut().map(|t| (Ptr::new(&mut t.saved), Ptr::new(&mut t.hprev)));
-        let units = unit_blocks(h);
-        let (w_hh, bias) = forward_blocks(&w, C::GATES, h, &units);
+        let (w_hh, bias) = forward_blocks(&w, C::GATES, h, &units, plan.max_rows());
         let sw = Sweep {
             cell,
             layer,
@@ -594,23 +607,34 @@ struct Sweep<'a, C, T> {
     reverse: bool,
 }
 
+/// The rows of `m`, a (G*H x cols) matrix of G gate blocks (row-major), reordered unit block by
+/// unit block: for each block `[u0, u1)` of `units`, its rows of every gate in gate order.
+fn by_unit_block<T: Float>(m: &[T], gates: usize, h: usize, cols: usize, units: &[(usize, usize)]) -> Vec<T> {
+    let mut out = Vec::with_capacity(m.len());
+    for &(u0, u1) in units {
+        for g in 0..gates {
+            out.extend_from_slice(&m[(g * h + u0) * cols..(g * h + u1) * cols]);
+        }
+    }
+    out
+}
+
 /// Per unit block: the forward's packed W_hh (see [`Sweep::w_hh`]) and its biases.
 fn forward_blocks<T: Float>(
     w: &Weights<'_, T>,
     gates: usize,
     h: usize,
     units: &[(usize, usize)],
+    max_rows: usize,
 ) -> (Vec<PackedB<T>>, Vec<Vec<T>>) {
     units
         .iter()
         .map(|&(u0, u1)| {
             let rows = (0..gates).map(|g| Mat::new(&w.w_hh[(g * h + u0) * h..], u1 - u0, h, h).t());
             let bias = [w.b_ih, w.b_hh]
-                .iter()
-                .flat_map(|b| (0..gates).flat_map(move |g| &b[g * h + u0..g * h + u1]))
-                .copied()
-                .collect();
-            (PackedB::new(rows.collect()), bias)
+                .map(|b| by_unit_block(b, gates, h, 1, &[(u0, u1)]))
+                .concat();
+            (PackedB::new(rows.collect(), max_rows), bias)
         })
         .unzip()
 }
@@ -674,7 +698,7 @@ impl<C: Cell, T: Float> Sweep<'_, C, T> {
         let active = active_rows(lens);
         let tiles = Tiles::new(n, self.units.len());
         let w = widest(self.units);
-        let scratch = || vec![T::ZERO; (n + 1) * C::GATES * w + C::SAVED * w];
+        let scratch = || vec![T::ZERO; n * C::GATES * w + C::SAVED * w];
         team::run(tiles.count(), members, lens[0], scratch, |scratch, j, s| {
             let (ub, r0, r1) = tiles.get(j, active[s]);
             if r0 < r1 {
@@ -705,6 +729,7 @@ struct FwdTile<'a, 'w, C, T> {
     rows: (usize, usize),
     perm: &'a [usize],
     lens: &'a [usize],
+    /// The input projection, its columns by unit block ([`by_unit_block`]).
     xw: &'a [T],
     /// (input, output) state buffers of the step.
     h: (Ptr<T>, Ptr<T>),
@@ -724,9 +749,8 @@ impl<C: Cell, T: Float> Kernel for FwdTile<'_, '_, C, T> {
         let ((u0, u1), (r0, r1)) = (sw.units[self.ub], self.rows);
         let (w, n) = (u1 - u0, r1 - r0);
         let gw = C::GATES * w;
-        let (hw, rest) = self.scratch.split_at_mut(n * gw);
-        let (xl, rest) = rest.split_at_mut(gw);
-        let saved = &mut rest[..C::SAVED * w];
+        let (hw, saved) = self.scratch.split_at_mut(n * gw);
+        let saved = &mut saved[..C::SAVED * w];
         // SAFETY: no one writes the step's input state during the step.
         let h_in = unsafe { self.h.0.read(r0 * h, n * h) };
         matmul_packed(
@@ -740,9 +764,8 @@ impl<C: Cell, T: Float> Kernel for FwdTile<'_, '_, C, T> {
             let r = r0 + i;
             let (b, len) = (self.perm[r], self.lens[r]);
             let xr = sw.layer.row(time_of(len, s, sw.reverse), b);
-            for (g, x) in xl.chunks_exact_mut(w).enumerate() {
-                x.copy_from_slice(&self.xw[xr * gh + g * h + u0..][..w]);
-            }
+            // The block's inputs, its gates side by side (see `by_unit_block`).
+            let xl = &self.xw[xr * gh + C::GATES * u0..][..gw];
             let h_prev = &h_in[i * h + u0..][..w];
             // SAFETY: this block alone writes units [u0, u1) of row r of the output state, of row
             // xr of the kept buffers and of y, and of row b of hn / cn; no one writes the input
@@ -910,7 +933,7 @@ fn backward_impl<C: Cell, T: Float>(
         let units = unit_blocks(h);
         let w_hh: Vec<_> = units
             .iter()
-            .map(|&(u0, u1)| PackedB::new(vec![Mat::new(&w.w_hh[u0..], gh, u1 - u0, h)]))
+            .map(|&(u0, u1)| PackedB::new(vec![Mat::new(&w.w_hh[u0..], gh, u1 - u0, h)], tape.plan.max_rows()))
             .collect();
         let sw = Sweep {
             cell,
