@@ -92,7 +92,9 @@ pub struct Tape<T> {
 }
 
 struct DirTape<T> {
-    /// The cell's saved values per (t, b), x-order.
+    /// The cell's saved values per (t, b), x-order; in each row, unit block by unit block (a
+    /// block's `SAVED` pieces of its width side by side), so that a block of a step writes and
+    /// reads its own as one piece.
     saved: Vec<T>,
     /// h_{t-1} per (t, b), x-order (zero past a sequence's length).
     hprev: Vec<T>,
@@ -698,7 +700,7 @@ impl<C: Cell, T: Float> Sweep<'_, C, T> {
         let active = active_rows(lens);
         let tiles = Tiles::new(n, self.units.len());
         let w = widest(self.units);
-        let scratch = || vec![T::ZERO; n * C::GATES * w + C::SAVED * w];
+        let scratch = || vec![T::ZERO; n * C::GATES * w];
         team::run(tiles.count(), members, lens[0], scratch, |scratch, j, s| {
             let (ub, r0, r1) = tiles.get(j, active[s]);
             if r0 < r1 {
@@ -749,8 +751,7 @@ impl<C: Cell, T: Float> Kernel for FwdTile<'_, '_, C, T> {
         let ((u0, u1), (r0, r1)) = (sw.units[self.ub], self.rows);
         let (w, n) = (u1 - u0, r1 - r0);
         let gw = C::GATES * w;
-        let (hw, saved) = self.scratch.split_at_mut(n * gw);
-        let saved = &mut saved[..C::SAVED * w];
+        let hw = &mut self.scratch[..n * gw];
         // SAFETY: no one writes the step's input state during the step.
         let h_in = unsafe { self.h.0.read(r0 * h, n * h) };
         matmul_packed(
@@ -777,9 +778,13 @@ impl<C: Cell, T: Float> Kernel for FwdTile<'_, '_, C, T> {
                     (&[], empty())
                 };
                 let h_new = self.h.1.slice(r * h + u0, w);
-                if let Some((_, hp)) = out.keep {
-                    hp.slice(xr * h + u0, w).copy_from_slice(h_prev);
-                }
+                let saved = match out.keep {
+                    Some((sp, hp)) => {
+                        hp.slice(xr * h + u0, w).copy_from_slice(h_prev);
+                        sp.slice(xr * sv + C::SAVED * u0, C::SAVED * w)
+                    }
+                    None => empty(),
+                };
                 sw.cell.forward(
                     Fwd {
                         xw: xl,
@@ -790,15 +795,10 @@ impl<C: Cell, T: Float> Kernel for FwdTile<'_, '_, C, T> {
                         c_prev,
                         h: &mut *h_new,
                         c: &mut *c_new,
-                        saved: &mut *saved,
+                        saved,
                     },
                     out.keep.is_some(),
                 );
-                if let Some((sp, _)) = out.keep {
-                    for (k, v) in saved.chunks_exact(w).enumerate() {
-                        sp.slice(xr * sv + k * h + u0, w).copy_from_slice(v);
-                    }
-                }
                 out.y.slice(xr * out.ldy + u0, w).copy_from_slice(h_new);
                 if len == s + 1 {
                     out.hn.slice(b * h + u0, w).copy_from_slice(h_new);
@@ -1066,7 +1066,7 @@ impl<C: Cell, T: Float> Sweep<'_, C, T> {
         let active = active_rows(lens);
         let tiles = Tiles::new(n, self.units.len());
         let w = widest(self.units);
-        let scratch = || vec![T::ZERO; (2 * C::GATES + C::SAVED) * w];
+        let scratch = || vec![T::ZERO; 2 * C::GATES * w];
         team::run(tiles.count(), members, steps + 1, scratch, |scratch, j, i| {
             let (ub, r0, r1) = tiles.get(j, if i < steps { active[steps - 1 - i] } else { n });
             if r0 < r1 {
@@ -1151,8 +1151,7 @@ impl<C: Cell, T: Float> Kernel for BwdTile<'_, '_, C, T> {
             }
             return;
         };
-        let (saved, rest) = self.scratch.split_at_mut(C::SAVED * w);
-        let (dgx, rest) = rest.split_at_mut(gw);
+        let (dgx, rest) = self.scratch.split_at_mut(gw);
         let dgh = &mut rest[..gw];
         for r in r0..r1 {
             let (b, len) = (self.perm[r], self.lens[r]);
@@ -1161,13 +1160,11 @@ impl<C: Cell, T: Float> Kernel for BwdTile<'_, '_, C, T> {
                 &[]
             } else if s > 0 {
                 let pr = layer.row(time_of(len, s - 1, sw.reverse), b);
-                &inp.kept.saved[pr * sv + C::C_AT * h + u0..][..w]
+                &inp.kept.saved[pr * sv + C::SAVED * u0 + C::C_AT * w..][..w]
             } else {
                 inp.c0.map_or(&self.zeros[..w], |c0| &c0[b * h + u0..][..w])
             };
-            for (k, v) in saved.chunks_exact_mut(w).enumerate() {
-                v.copy_from_slice(&inp.kept.saved[xr * sv + k * h + u0..][..w]);
-            }
+            let saved = &inp.kept.saved[xr * sv + C::SAVED * u0..][..C::SAVED * w];
             let dy = &inp.dy[xr * inp.ldy + u0..][..w];
             unsafe {
                 let dh = self.dh.slice(r * h + u0, w);

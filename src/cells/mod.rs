@@ -25,7 +25,7 @@ pub struct Fwd<'a, T> {
     pub h: &'a mut [T],
     /// New cell state (empty unless [`Cell::HAS_C`]).
     pub c: &'a mut [T],
-    /// What backward needs, `SAVED * H` (written only when training).
+    /// What backward needs, `SAVED * H` (written only when training; empty otherwise).
     pub saved: &'a mut [T],
 }
 
