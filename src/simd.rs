@@ -275,6 +275,21 @@ pub fn dispatch<K: Kernel>(k: K) -> K::Output {
     }
 }
 
+/// Ask the CPU to bring every cache line of `s` into its caches, without waiting for them: for
+/// data a kernel will read after other work that hides the memory latency.
+#[inline(always)]
+pub fn prefetch<T>(s: &[T]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        let (p, bytes) = (s.as_ptr().cast::<i8>(), std::mem::size_of_val(s));
+        for off in (0..bytes).step_by(64) {
+            // SAFETY: a prefetch is only a hint (it never faults), and the address is inside `s`.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(p.add(off)) };
+        }
+    }
+}
+
 /// FTZ (bit 15) and DAZ (bit 6) of MXCSR.
 #[cfg(target_arch = "x86_64")]
 const FTZ_DAZ: u32 = 0x8040;

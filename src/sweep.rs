@@ -21,7 +21,7 @@
 use crate::cells::{Bwd, Cell, CellKind, Fwd};
 use crate::error::{Error, Result};
 use crate::gemm::{add_column_sums, matmul, matmul_packed, Mat, MatMut, PackedB};
-use crate::simd::{dispatch, Float, Kernel};
+use crate::simd::{dispatch, prefetch, Float, Kernel};
 use crate::team;
 use rayon::prelude::*;
 use std::borrow::Cow;
@@ -752,6 +752,12 @@ impl<C: Cell, T: Float> Kernel for FwdTile<'_, '_, C, T> {
         let (w, n) = (u1 - u0, r1 - r0);
         let gw = C::GATES * w;
         let hw = &mut self.scratch[..n * gw];
+        // The rows' input projections, read by the pointwise pass after the product: from memory
+        // (the projection of all the steps was written before the loop) while it runs.
+        let xrow = |r: usize| sw.layer.row(time_of(self.lens[r], s, sw.reverse), self.perm[r]);
+        for r in r0..r1 {
+            prefetch(&self.xw[xrow(r) * gh + C::GATES * u0..][..gw]);
+        }
         // SAFETY: no one writes the step's input state during the step.
         let h_in = unsafe { self.h.0.read(r0 * h, n * h) };
         matmul_packed(
@@ -763,8 +769,7 @@ impl<C: Cell, T: Float> Kernel for FwdTile<'_, '_, C, T> {
         let (b_ih, b_hh) = sw.bias[self.ub].split_at(gw);
         for (i, hw) in hw.chunks_exact_mut(gw).enumerate() {
             let r = r0 + i;
-            let (b, len) = (self.perm[r], self.lens[r]);
-            let xr = sw.layer.row(time_of(len, s, sw.reverse), b);
+            let (b, len, xr) = (self.perm[r], self.lens[r], xrow(r));
             // The block's inputs, its gates side by side (see `by_unit_block`).
             let xl = &self.xw[xr * gh + C::GATES * u0..][..gw];
             let h_prev = &h_in[i * h + u0..][..w];
