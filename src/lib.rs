@@ -5,6 +5,7 @@
 //! The entry points are [`sweep::forward`] and [`sweep::backward`], which run one layer (one or
 //! two directions) over a whole batch of sequences.
 
+mod buffers;
 pub mod cells;
 pub mod error;
 pub mod gemm;

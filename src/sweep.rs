@@ -18,6 +18,7 @@
 //! each step as a team (`team.rs`), cut into blocks of hidden units. The two directions of a
 //! bidirectional layer run side by side.
 
+use crate::buffers;
 use crate::cells::{Bwd, Cell, CellKind, Fwd};
 use crate::error::{Error, Result};
 use crate::gemm::{add_column_sums, matmul, matmul_packed, Mat, MatMut, PackedB};
@@ -536,7 +537,7 @@ fn forward_impl<C: Cell, T: Float>(
         // The input projection's columns come unit block by unit block (see `by_unit_block`), so
         // that each block of a step reads its gates' inputs as one piece.
         let w_ih = by_unit_block(w.w_ih, C::GATES, h, d.input, &units);
-        let mut xw = Vec::with_capacity(nrows * gh);
+        let mut xw = buffers::take(nrows * gh);
         // SAFETY: the view covers the vector's capacity, which `matmul` fills without reading it
         // (no accumulation), so every element is written before the length takes it in.
         unsafe {
@@ -550,9 +551,9 @@ fn forward_impl<C: Cell, T: Float>(
             xw.set_len(nrows * gh);
         }
         if let Some(idx) = &valid {
-            let mut full = vec![T::ZERO; rows * gh];
+            let mut full = buffers::zeros(rows * gh);
             scatter(&mut full, idx, gh, &xw);
-            xw = full;
+            buffers::give(std::mem::replace(&mut xw, full));
         }
         let mut tape = train.then(|| DirTape {
             saved: vec![T::ZERO; rows * C::SAVED * h],
@@ -581,6 +582,7 @@ fn forward_impl<C: Cell, T: Float>(
         let h0 = h0.map(|s| &s[dir * bh..(dir + 1) * bh]);
         let c0 = c0.map(|s| &s[dir * bh..(dir + 1) * bh]);
         plan.for_each_slice(threads, |off, n, team| sw.forward_slice(off, n, team, &xw, h0, c0, out));
+        buffers::give(xw);
         tape
     });
     train.then(|| Tape {
@@ -929,9 +931,9 @@ fn backward_impl<C: Cell, T: Float>(
     let jobs: Vec<_> = grads.iter_mut().zip(&tape.dirs).collect();
     let dgxs = map_items(jobs, threads, |dir, (g, kept)| {
         let w = &weights[dir];
-        let mut dgx = vec![T::ZERO; rows * gh];
+        let mut dgx = buffers::zeros(rows * gh);
         let mut dgh_all = if C::SPLIT_DGH {
-            vec![T::ZERO; rows * gh]
+            buffers::zeros(rows * gh)
         } else {
             Vec::new()
         };
@@ -969,15 +971,20 @@ fn backward_impl<C: Cell, T: Float>(
             .for_each_slice(threads, |off, n, team| sw.backward_slice(off, n, team, &inp, out));
         // Deferred weight gradients: one GEMM each over all the (valid) rows.
         let (dgx, dgh_all, hprev) = match &tape.valid {
-            Some(idx) => (
-                gather(&dgx, idx, gh),
-                if C::SPLIT_DGH {
-                    gather(&dgh_all, idx, gh)
-                } else {
-                    Vec::new()
-                },
-                Cow::Owned(gather(&kept.hprev, idx, h)),
-            ),
+            Some(idx) => {
+                let valid = (
+                    gather(&dgx, idx, gh),
+                    if C::SPLIT_DGH {
+                        gather(&dgh_all, idx, gh)
+                    } else {
+                        Vec::new()
+                    },
+                    Cow::Owned(gather(&kept.hprev, idx, h)),
+                );
+                buffers::give(dgx);
+                buffers::give(dgh_all);
+                valid
+            }
             None => (dgx, dgh_all, Cow::Borrowed(&kept.hprev[..])),
         };
         let dgh: &[T] = if C::SPLIT_DGH { &dgh_all } else { &dgx };
@@ -997,6 +1004,7 @@ fn backward_impl<C: Cell, T: Float>(
         );
         add_column_sums(g.b_ih, &dgx, gh);
         add_column_sums(g.b_hh, dgh, gh);
+        buffers::give(dgh_all);
         dgx
     });
     let mut dxc = match tape.valid {
@@ -1013,6 +1021,7 @@ fn backward_impl<C: Cell, T: Float>(
             threads,
         );
     }
+    dgxs.into_iter().for_each(buffers::give);
     if let Some(idx) = &tape.valid {
         dx.fill(T::ZERO);
         scatter(dx, idx, d.input, &dxc);

@@ -1,0 +1,117 @@
+//! Large work buffers kept from one kernel call to the next.
+//!
+//! A sweep's biggest scratch (the input projection of every step, and backward's gate gradients:
+//! `T * B * G * H` elements, 52 MB for an LSTM at B=64, T=100, H=512) would otherwise be allocated
+//! fresh by every call: the allocator maps new pages for it and the OS faults each of them in and
+//! clears it, a few percent of a call. Kept buffers are reused instead, within a bound on the
+//! memory held between calls.
+
+use std::any::Any;
+use std::sync::Mutex;
+
+/// The most bytes kept between calls, and the most buffers.
+const KEEP_BYTES: usize = 256 << 20;
+const KEEP_COUNT: usize = 4;
+
+/// Kept buffers, each a `Vec<T>` (of either float type) behind `Any`, with its size in bytes.
+struct Spare(Vec<(usize, Box<dyn Any + Send>)>);
+
+static SPARE: Mutex<Spare> = Mutex::new(Spare(Vec::new()));
+
+impl Spare {
+    fn take<T: Send + 'static>(&mut self, n: usize) -> Vec<T> {
+        let best = self
+            .0
+            .iter()
+            .enumerate()
+            .filter(|(_, (_, b))| b.downcast_ref::<Vec<T>>().is_some_and(|v| v.capacity() >= n))
+            .min_by_key(|(_, (size, _))| *size)
+            .map(|(i, _)| i);
+        match best {
+            Some(i) => {
+                let mut v = *self
+                    .0
+                    .swap_remove(i)
+                    .1
+                    .downcast::<Vec<T>>()
+                    .expect("the type was checked");
+                v.clear();
+                v
+            }
+            None => Vec::with_capacity(n),
+        }
+    }
+
+    fn give<T: Send + 'static>(&mut self, v: Vec<T>) {
+        let size = v.capacity() * std::mem::size_of::<T>();
+        if size == 0 || size > KEEP_BYTES {
+            return;
+        }
+        // Make room by dropping the smallest buffers, unless they are all bigger than this one.
+        self.0.sort_by_key(|&(s, _)| std::cmp::Reverse(s));
+        while self.0.len() >= KEEP_COUNT || self.0.iter().map(|&(s, _)| s).sum::<usize>() + size > KEEP_BYTES {
+            match self.0.last() {
+                Some(&(s, _)) if s <= size => drop(self.0.pop()),
+                _ => return,
+            }
+        }
+        self.0.push((size, Box::new(v)));
+    }
+}
+
+fn spare() -> std::sync::MutexGuard<'static, Spare> {
+    SPARE.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// An empty vector with room for at least `n` elements: the smallest kept one that fits, if any.
+pub fn take<T: Send + 'static>(n: usize) -> Vec<T> {
+    spare().take(n)
+}
+
+/// `n` zeros, in a kept buffer if one fits.
+pub fn zeros<T: Copy + Default + Send + 'static>(n: usize) -> Vec<T> {
+    let mut v = take(n);
+    v.resize(n, T::default());
+    v
+}
+
+/// Keep `v` for a later call, within the bounds.
+pub fn give<T: Send + 'static>(v: Vec<T>) {
+    spare().give(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A buffer given back is handed out again, to a request of its type that it fits, the
+    /// smallest that fits first; the bounds hold, bigger buffers pushing smaller ones out.
+    #[test]
+    fn buffers_are_reused_within_bounds() {
+        let mut s = Spare(Vec::new());
+        let (small, large) = (s.take::<f32>(100), s.take::<f32>(1000));
+        let (ps, pl) = (small.as_ptr(), large.as_ptr());
+        s.give(large);
+        s.give(small);
+        assert!(s.take::<f64>(10).capacity() >= 10, "no f64 buffer is kept: a new one");
+        let (a, b) = (s.take::<f32>(50), s.take::<f32>(50));
+        assert_eq!(a.as_ptr(), ps, "the smallest that fits");
+        assert_eq!(b.as_ptr(), pl, "then the next one");
+        assert_eq!(s.0.len(), 0);
+        s.give(Vec::<f32>::with_capacity(KEEP_BYTES / 4 + 1));
+        assert_eq!(s.0.len(), 0, "too big to keep");
+        for n in 1..=2 * KEEP_COUNT {
+            s.give(Vec::<f64>::with_capacity(n * 64));
+        }
+        let sizes: Vec<usize> = s.0.iter().map(|&(b, _)| b).collect();
+        assert_eq!(sizes.len(), KEEP_COUNT);
+        assert!(
+            sizes.iter().all(|&b| b > (KEEP_COUNT * 64) * 8),
+            "the biggest are kept: {sizes:?}"
+        );
+        s.give(Vec::<f32>::with_capacity(KEEP_BYTES / 4));
+        let total: usize = s.0.iter().map(|&(b, _)| b).sum();
+        assert_eq!(total, KEEP_BYTES, "the big one pushed the others out");
+        assert_eq!(s.take::<f32>(10).capacity(), KEEP_BYTES / 4);
+    }
+}
