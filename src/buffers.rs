@@ -1,17 +1,18 @@
 //! Large work buffers kept from one kernel call to the next.
 //!
-//! A sweep's biggest scratch (the input projection of every step, and backward's gate gradients:
-//! `T * B * G * H` elements, 52 MB for an LSTM at B=64, T=100, H=512) would otherwise be allocated
-//! fresh by every call: the allocator maps new pages for it and the OS faults each of them in and
-//! clears it, a few percent of a call. Kept buffers are reused instead, within a bound on the
-//! memory held between calls.
+//! A sweep's biggest buffers (the input projection of every step and backward's gate gradients,
+//! `T * B * G * H` elements, 52 MB for an LSTM at B=64, T=100, H=512; the training tape) would
+//! otherwise be allocated fresh by every call: the allocator maps new pages for them and the OS
+//! faults each page in and clears it, a few percent of a call. Buffers given back (scratch at the
+//! end of a call, a tape when it is dropped) are reused instead, within a bound on the memory held
+//! between calls.
 
 use std::any::Any;
 use std::sync::Mutex;
 
 /// The most bytes kept between calls, and the most buffers.
 const KEEP_BYTES: usize = 256 << 20;
-const KEEP_COUNT: usize = 4;
+const KEEP_COUNT: usize = 8;
 
 /// Kept buffers, each a `Vec<T>` (of either float type) behind `Any`, with its size in bytes.
 struct Spare(Vec<(usize, Box<dyn Any + Send>)>);

@@ -78,7 +78,7 @@ pub struct Layer {
 }
 
 /// What a training forward keeps for backward. Consumed by [`backward`].
-pub struct Tape<T> {
+pub struct Tape<T: Float> {
     layer: Layer,
     plan: Plan,
     /// The input: the rows of `valid` when it is set, else all rows with the steps past each
@@ -92,13 +92,27 @@ pub struct Tape<T> {
     dirs: Vec<DirTape<T>>,
 }
 
-struct DirTape<T> {
+struct DirTape<T: Float> {
     /// The cell's saved values per (t, b), x-order; in each row, unit block by unit block (a
     /// block's `SAVED` pieces of its width side by side), so that a block of a step writes and
     /// reads its own as one piece.
     saved: Vec<T>,
     /// h_{t-1} per (t, b), x-order (zero past a sequence's length).
     hprev: Vec<T>,
+}
+
+/// The tape's big buffers go back to [`buffers`] for the next training step.
+impl<T: Float> Drop for Tape<T> {
+    fn drop(&mut self) {
+        buffers::give(std::mem::take(&mut self.x));
+    }
+}
+
+impl<T: Float> Drop for DirTape<T> {
+    fn drop(&mut self) {
+        buffers::give(std::mem::take(&mut self.saved));
+        buffers::give(std::mem::take(&mut self.hprev));
+    }
 }
 
 impl<T: Float> Tape<T> {
@@ -462,8 +476,8 @@ fn valid_rows(layer: &Layer, lengths: Option<&[usize]>) -> Option<Vec<usize>> {
 }
 
 /// The rows `idx` (of width `w`) of `src`, packed.
-fn gather<T: Copy>(src: &[T], idx: &[usize], w: usize) -> Vec<T> {
-    let mut out = Vec::with_capacity(idx.len() * w);
+fn gather<T: Copy + Send + 'static>(src: &[T], idx: &[usize], w: usize) -> Vec<T> {
+    let mut out = buffers::take(idx.len() * w);
     for &r in idx {
         out.extend_from_slice(&src[r * w..(r + 1) * w]);
     }
@@ -523,7 +537,8 @@ fn forward_impl<C: Cell, T: Float>(
     let xs: Cow<'_, [T]> = match &valid {
         Some(idx) => Cow::Owned(gather(x, idx, d.input)),
         None if train => {
-            let mut k = x.to_vec();
+            let mut k = buffers::take(x.len());
+            k.extend_from_slice(x);
             zero_padding(layer, lengths, &mut k, d.input);
             Cow::Owned(k)
         }
@@ -556,8 +571,8 @@ fn forward_impl<C: Cell, T: Float>(
             buffers::give(std::mem::replace(&mut xw, full));
         }
         let mut tape = train.then(|| DirTape {
-            saved: vec![T::ZERO; rows * C::SAVED * h],
-            hprev: vec![T::ZERO; rows * h],
+            saved: buffers::zeros(rows * C::SAVED * h),
+            hprev: buffers::zeros(rows * h),
         });
         let keep = tape.as_mut().map(|t| (Ptr::new(&mut t.saved), Ptr::new(&mut t.hprev)));
         let (w_hh, bias) = forward_blocks(&w, C::GATES, h, &units, plan.max_rows());
@@ -1028,7 +1043,7 @@ fn backward_impl<C: Cell, T: Float>(
     }
 }
 
-struct BwdIn<'a, T> {
+struct BwdIn<'a, T: Float> {
     dy: &'a [T],
     ldy: usize,
     dhn: Option<&'a [T]>,
@@ -1106,7 +1121,7 @@ impl<C: Cell, T: Float> Sweep<'_, C, T> {
 }
 
 /// One block of a backward iteration.
-struct BwdTile<'a, 'w, C, T> {
+struct BwdTile<'a, 'w, C, T: Float> {
     sw: &'a Sweep<'w, C, T>,
     /// The step whose pointwise pass this iteration runs (None: the last iteration).
     step: Option<usize>,

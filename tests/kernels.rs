@@ -354,7 +354,7 @@ fn reference(p: &Problem) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
 // Calling the library
 // ---------------------------------------------------------------------------------------------
 
-struct FwdOut<T> {
+struct FwdOut<T: Float> {
     y: Vec<T>,
     hn: Vec<T>,
     cn: Vec<T>,
