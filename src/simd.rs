@@ -33,9 +33,9 @@ pub trait Float:
     fn from_f64(v: f64) -> Self;
     fn to_f64(self) -> f64;
     /// Logistic sigmoid `1 / (1 + e^-x)`.
-    fn sigmoid(self) -> Self;
+    fn sigmoid<I: Isa>(self) -> Self;
     /// Hyperbolic tangent.
-    fn tanh(self) -> Self;
+    fn tanh<I: Isa>(self) -> Self;
     /// `max(x, 0)`, propagating NaN.
     #[inline(always)]
     fn relu(self) -> Self {
@@ -51,11 +51,17 @@ pub trait Float:
     fn panel_kernel() -> Option<crate::gemm::PanelKernel<Self>>;
     /// The dot-product kernel of `gemm::matmul` for few-row products, under the same condition.
     fn dot_kernel() -> Option<crate::gemm::DotKernel<Self>>;
-    /// `a * b + c`, unfused: a fused multiply-add would be a slow libm call in the baseline
-    /// (pre-FMA) copy of the kernels, and the pointwise math does not need the extra precision.
+    /// `a * b + c` with one rounding (the FMA instruction).
+    fn fused_mul_add(self, b: Self, c: Self) -> Self;
+    /// `a * b + c`: fused in the kernel copies for instruction sets with FMA, two operations in
+    /// the baseline copy (where a fused multiply-add would be a slow libm call).
     #[inline(always)]
-    fn mul_add(self, b: Self, c: Self) -> Self {
-        self * b + c
+    fn mul_add<I: Isa>(self, b: Self, c: Self) -> Self {
+        if I::FMA {
+            self.fused_mul_add(b, c)
+        } else {
+            self * b + c
+        }
     }
 }
 
@@ -75,36 +81,36 @@ const ROUND_MAGIC: f32 = 12_582_912.0;
 /// `e^x` in float32, within 2 ulp over the whole range; saturates to 0 / 2^128-ish at the ends and
 /// propagates NaN.
 #[inline(always)]
-pub fn exp_f32(x: f32) -> f32 {
+pub fn exp_f32<I: Isa>(x: f32) -> f32 {
     // `clamp` keeps NaN (comparisons with NaN are false), unlike `min`/`max`.
     let x = x.clamp(EXP_LO, EXP_HI);
-    let shifted = Float::mul_add(x, LOG2E, ROUND_MAGIC);
+    let shifted = Float::mul_add::<I>(x, LOG2E, ROUND_MAGIC);
     let n = shifted - ROUND_MAGIC;
     // Integer n sits in the low bits of `shifted`; move it into the exponent field of 1.0.
     let scale = f32::from_bits((shifted.to_bits() << 23).wrapping_add(0x3f80_0000));
-    let r = Float::mul_add(n, -LN2_LO, Float::mul_add(n, -LN2_HI, x));
+    let r = Float::mul_add::<I>(n, -LN2_LO, Float::mul_add::<I>(n, -LN2_HI, x));
     let mut p = 1.987_569_1e-4_f32;
-    p = Float::mul_add(p, r, 1.398_199_9e-3);
-    p = Float::mul_add(p, r, 8.333_452e-3);
-    p = Float::mul_add(p, r, 4.166_579_6e-2);
-    p = Float::mul_add(p, r, 1.666_666_5e-1);
-    p = Float::mul_add(p, r, 0.5);
-    let y = Float::mul_add(p * r, r, r) + 1.0;
+    p = Float::mul_add::<I>(p, r, 1.398_199_9e-3);
+    p = Float::mul_add::<I>(p, r, 8.333_452e-3);
+    p = Float::mul_add::<I>(p, r, 4.166_579_6e-2);
+    p = Float::mul_add::<I>(p, r, 1.666_666_5e-1);
+    p = Float::mul_add::<I>(p, r, 0.5);
+    let y = Float::mul_add::<I>(p * r, r, r) + 1.0;
     y * scale
 }
 
 #[inline(always)]
-fn tanh_f32(x: f32) -> f32 {
+fn tanh_f32<I: Isa>(x: f32) -> f32 {
     let a = x.abs();
     // Small |x|: odd polynomial (no cancellation). Large |x|: 1 - 2 / (e^{2|x|} + 1).
     let z = x * x;
     let mut p = -5.704_988_7e-3_f32;
-    p = Float::mul_add(p, z, 2.063_909e-2);
-    p = Float::mul_add(p, z, -5.373_971_6e-2);
-    p = Float::mul_add(p, z, 1.333_144_2e-1);
-    p = Float::mul_add(p, z, -0.333_332_8);
-    let small = Float::mul_add(p * z, x, x);
-    let e = exp_f32(a + a);
+    p = Float::mul_add::<I>(p, z, 2.063_909e-2);
+    p = Float::mul_add::<I>(p, z, -5.373_971_6e-2);
+    p = Float::mul_add::<I>(p, z, 1.333_144_2e-1);
+    p = Float::mul_add::<I>(p, z, -0.333_332_8);
+    let small = Float::mul_add::<I>(p * z, x, x);
+    let e = exp_f32::<I>(a + a);
     let big = 1.0 - 2.0 / (e + 1.0);
     // tanh is odd: the sign of x (also keeps tanh(-0) = -0).
     if a < 0.625 { small } else { big }.copysign(x)
@@ -138,12 +144,16 @@ impl Float for f32 {
         self as f64
     }
     #[inline(always)]
-    fn sigmoid(self) -> Self {
-        1.0 / (1.0 + exp_f32(-self))
+    fn sigmoid<I: Isa>(self) -> Self {
+        1.0 / (1.0 + exp_f32::<I>(-self))
     }
     #[inline(always)]
-    fn tanh(self) -> Self {
-        tanh_f32(self)
+    fn tanh<I: Isa>(self) -> Self {
+        tanh_f32::<I>(self)
+    }
+    #[inline(always)]
+    fn fused_mul_add(self, b: Self, c: Self) -> Self {
+        f32::mul_add(self, b, c)
     }
 }
 
@@ -177,12 +187,16 @@ impl Float for f64 {
         self
     }
     #[inline(always)]
-    fn sigmoid(self) -> Self {
+    fn sigmoid<I: Isa>(self) -> Self {
         1.0 / (1.0 + (-self).exp())
     }
     #[inline(always)]
-    fn tanh(self) -> Self {
+    fn tanh<I: Isa>(self) -> Self {
         f64::tanh(self)
+    }
+    #[inline(always)]
+    fn fused_mul_add(self, b: Self, c: Self) -> Self {
+        f64::mul_add(self, b, c)
     }
 }
 
@@ -246,19 +260,39 @@ pub fn level() -> Level {
 /// `#[target_feature]` function that [`dispatch`] picks.
 pub trait Kernel {
     type Output;
-    fn run(self) -> Self::Output;
+    fn run<I: Isa>(self) -> Self::Output;
+}
+
+/// What the instruction set of a kernel copy lets the scalar math use (see [`dispatch`]).
+pub trait Isa: Copy {
+    /// Fused multiply-add.
+    const FMA: bool;
+}
+
+/// The AVX2 and AVX-512 copies.
+#[derive(Clone, Copy)]
+pub struct WithFma;
+impl Isa for WithFma {
+    const FMA: bool = true;
+}
+
+/// The x86-64 baseline copy (and other architectures).
+#[derive(Clone, Copy)]
+pub struct NoFma;
+impl Isa for NoFma {
+    const FMA: bool = false;
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512vl,avx512dq,avx512bw,avx2,fma,bmi1,bmi2,lzcnt,popcnt")]
 unsafe fn run_avx512<K: Kernel>(k: K) -> K::Output {
-    k.run()
+    k.run::<WithFma>()
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,bmi1,bmi2,lzcnt,popcnt")]
 unsafe fn run_avx2<K: Kernel>(k: K) -> K::Output {
-    k.run()
+    k.run::<WithFma>()
 }
 
 /// Run `k` compiled for the best instruction set available (see [`level`]).
@@ -271,7 +305,7 @@ pub fn dispatch<K: Kernel>(k: K) -> K::Output {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above, for AVX2 and FMA.
         Level::Avx2 => unsafe { run_avx2(k) },
-        _ => k.run(),
+        _ => k.run::<NoFma>(),
     }
 }
 
@@ -358,39 +392,57 @@ mod tests {
         (0..=n).map(move |k| lo + (hi - lo) * (k as f32) / (n as f32))
     }
 
-    #[test]
-    fn exp_f32_is_within_2_ulp() {
+    // Each check runs for both copies of the math: with fused multiply-adds (here a libm call,
+    // with the same results as the FMA instruction of the AVX2 and AVX-512 kernels) and without.
+
+    fn exp_within_2_ulp<I: Isa>() {
         let mut worst = 0.0f64;
         for x in sweep(-87.0, 88.0, 400_000) {
-            worst = worst.max(ulp_diff(exp_f32(x), (x as f64).exp()));
+            worst = worst.max(ulp_diff(exp_f32::<I>(x), (x as f64).exp()));
         }
-        assert!(worst <= 2.0, "worst exp error {worst} ulp");
+        assert!(worst <= 2.0, "worst exp error {worst} ulp (FMA: {})", I::FMA);
     }
 
     #[test]
-    fn sigmoid_and_tanh_f32_are_within_4_ulp() {
+    fn exp_f32_is_within_2_ulp() {
+        exp_within_2_ulp::<WithFma>();
+        exp_within_2_ulp::<NoFma>();
+    }
+
+    fn sigmoid_tanh_within_4_ulp<I: Isa>() {
         let mut worst_s = 0.0f64;
         let mut worst_t = 0.0f64;
         for x in sweep(-30.0, 30.0, 600_000).chain(sweep(-1e-3, 1e-3, 10_000)) {
             let xd = x as f64;
             let s = 1.0 / (1.0 + (-xd).exp());
-            worst_s = worst_s.max(ulp_diff(x.sigmoid(), s));
-            worst_t = worst_t.max(ulp_diff(Float::tanh(x), xd.tanh()));
+            worst_s = worst_s.max(ulp_diff(x.sigmoid::<I>(), s));
+            worst_t = worst_t.max(ulp_diff(Float::tanh::<I>(x), xd.tanh()));
         }
-        assert!(worst_s <= 4.0, "worst sigmoid error {worst_s} ulp");
-        assert!(worst_t <= 4.0, "worst tanh error {worst_t} ulp");
+        assert!(worst_s <= 4.0, "worst sigmoid error {worst_s} ulp (FMA: {})", I::FMA);
+        assert!(worst_t <= 4.0, "worst tanh error {worst_t} ulp (FMA: {})", I::FMA);
+    }
+
+    #[test]
+    fn sigmoid_and_tanh_f32_are_within_4_ulp() {
+        sigmoid_tanh_within_4_ulp::<WithFma>();
+        sigmoid_tanh_within_4_ulp::<NoFma>();
+    }
+
+    fn special<I: Isa>() {
+        assert!(exp_f32::<I>(f32::NAN).is_nan());
+        assert!(Float::tanh::<I>(f32::NAN).is_nan());
+        assert!(f32::NAN.sigmoid::<I>().is_nan());
+        assert_eq!(Float::tanh::<I>(f32::INFINITY), 1.0);
+        assert_eq!(Float::tanh::<I>(f32::NEG_INFINITY), -1.0);
+        assert_eq!(f32::INFINITY.sigmoid::<I>(), 1.0);
+        assert!(f32::NEG_INFINITY.sigmoid::<I>() < 1e-37);
+        assert_eq!(Float::tanh::<I>(-0.0f32).to_bits(), (-0.0f32).to_bits());
     }
 
     #[test]
     fn special_values() {
-        assert!(exp_f32(f32::NAN).is_nan());
-        assert!(Float::tanh(f32::NAN).is_nan());
-        assert!(f32::NAN.sigmoid().is_nan());
-        assert_eq!(Float::tanh(f32::INFINITY), 1.0);
-        assert_eq!(Float::tanh(f32::NEG_INFINITY), -1.0);
-        assert_eq!(f32::INFINITY.sigmoid(), 1.0);
-        assert!(f32::NEG_INFINITY.sigmoid() < 1e-37);
-        assert_eq!(Float::tanh(-0.0f32).to_bits(), (-0.0f32).to_bits());
+        special::<WithFma>();
+        special::<NoFma>();
         assert!(f32::NAN.relu().is_nan());
         assert_eq!((-3.0f32).relu(), 0.0);
     }

@@ -22,7 +22,7 @@ use crate::buffers;
 use crate::cells::{Bwd, Cell, CellKind, Fwd};
 use crate::error::{Error, Result};
 use crate::gemm::{add_column_sums, matmul, matmul_packed, Mat, MatMut, PackedB};
-use crate::simd::{dispatch, prefetch, Float, Kernel};
+use crate::simd::{dispatch, prefetch, Float, Isa, Kernel};
 use crate::team;
 use rayon::prelude::*;
 use std::borrow::Cow;
@@ -760,7 +760,7 @@ struct FwdTile<'a, 'w, C, T> {
 impl<C: Cell, T: Float> Kernel for FwdTile<'_, '_, C, T> {
     type Output = ();
     #[inline(always)]
-    fn run(self) {
+    fn run<I: Isa>(self) {
         let sw = self.sw;
         let (h, gh) = (sw.layer.dims.hidden, sw.layer.gh());
         let sv = C::SAVED * h;
@@ -807,7 +807,7 @@ impl<C: Cell, T: Float> Kernel for FwdTile<'_, '_, C, T> {
                     }
                     None => empty(),
                 };
-                sw.cell.forward(
+                sw.cell.forward::<I, T>(
                     Fwd {
                         xw: xl,
                         hw,
@@ -1145,7 +1145,7 @@ struct BwdTile<'a, 'w, C, T: Float> {
 impl<C: Cell, T: Float> Kernel for BwdTile<'_, '_, C, T> {
     type Output = ();
     #[inline(always)]
-    fn run(self) {
+    fn run<I: Isa>(self) {
         let sw = self.sw;
         let layer = sw.layer;
         let (h, gh) = (layer.dims.hidden, layer.gh());
@@ -1208,7 +1208,7 @@ impl<C: Cell, T: Float> Kernel for BwdTile<'_, '_, C, T> {
                         *t = y + d;
                     }
                 }
-                sw.cell.backward(Bwd {
+                sw.cell.backward::<I, T>(Bwd {
                     dy,
                     dh,
                     dc,
@@ -1403,7 +1403,7 @@ struct StepRows<'a, C, T> {
 impl<C: Cell, T: Float> Kernel for StepRows<'_, C, T> {
     type Output = ();
     #[inline(always)]
-    fn run(self) {
+    fn run<I: Isa>(self) {
         let (hd, ch) = (self.hidden, self.ch);
         let gh = C::GATES * hd;
         let mut c_rows = self.c_new.chunks_exact_mut(ch.max(1));
@@ -1414,7 +1414,7 @@ impl<C: Cell, T: Float> Kernel for StepRows<'_, C, T> {
             } else {
                 empty()
             };
-            self.cell.forward(
+            self.cell.forward::<I, T>(
                 Fwd {
                     xw: &self.xw[r * gh..(r + 1) * gh],
                     hw,

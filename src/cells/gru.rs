@@ -3,7 +3,7 @@
 //! `n = tanh(W_in x + b_in + r * (W_hn h + b_hn))`, `h' = (1 - z) * n + z * h`.
 
 use super::{add_pre, blocks, sigmoid_in_place, Bwd, Cell, Fwd};
-use crate::simd::Float;
+use crate::simd::{Float, Isa};
 
 #[derive(Clone, Copy, Default)]
 pub struct Gru;
@@ -15,11 +15,11 @@ impl Cell for Gru {
     const SPLIT_DGH: bool = true;
 
     #[inline(always)]
-    fn forward<T: Float>(self, r: Fwd<'_, T>, train: bool) {
+    fn forward<I: Isa, T: Float>(self, r: Fwd<'_, T>, train: bool) {
         let n = r.h.len();
         let (rz, hn) = r.hw[..3 * n].split_at_mut(2 * n);
         add_pre(rz, &r.xw[..2 * n], &r.b_ih[..2 * n], &r.b_hh[..2 * n]);
-        sigmoid_in_place(rz);
+        sigmoid_in_place::<I, T>(rz);
         for (v, &b) in hn.iter_mut().zip(&r.b_hh[2 * n..3 * n]) {
             *v += b;
         }
@@ -33,7 +33,7 @@ impl Cell for Gru {
             .zip(rg)
             .zip(hn.iter())
         {
-            *hj = (rj * hnj + (x + b)).tanh();
+            *hj = (rj * hnj + (x + b)).tanh::<I>();
         }
         if train {
             let s = &mut r.saved[..4 * n];
@@ -47,7 +47,7 @@ impl Cell for Gru {
     }
 
     #[inline(always)]
-    fn backward<T: Float>(self, r: Bwd<'_, T>) {
+    fn backward<I: Isa, T: Float>(self, r: Bwd<'_, T>) {
         let n = r.dh.len();
         let [sr, sz, sn, shn] = blocks::<4, T>(r.saved, n);
         let (dy, h_prev) = (&r.dy[..n], &r.h_prev[..n]);

@@ -3,7 +3,7 @@
 //! `W_ih x + b_ih + W_hh h + b_hh`.
 
 use super::{add_pre, blocks, sigmoid_in_place, tanh_in_place, Bwd, Cell, Fwd};
-use crate::simd::Float;
+use crate::simd::{Float, Isa};
 
 #[derive(Clone, Copy, Default)]
 pub struct Lstm;
@@ -15,22 +15,22 @@ impl Cell for Lstm {
     const C_AT: usize = 4;
 
     #[inline(always)]
-    fn forward<T: Float>(self, r: Fwd<'_, T>, train: bool) {
+    fn forward<I: Isa, T: Float>(self, r: Fwd<'_, T>, train: bool) {
         let n = r.h.len();
         let hw = &mut r.hw[..4 * n];
         add_pre(hw, &r.xw[..4 * n], &r.b_ih[..4 * n], &r.b_hh[..4 * n]);
         let (ifg, o) = hw.split_at_mut(3 * n);
         let (i_f, g) = ifg.split_at_mut(2 * n);
-        sigmoid_in_place(i_f);
-        tanh_in_place(g);
-        sigmoid_in_place(o);
+        sigmoid_in_place::<I, T>(i_f);
+        tanh_in_place::<I, T>(g);
+        sigmoid_in_place::<I, T>(o);
         let (i, f) = i_f.split_at(n);
         let (c_prev, c, h) = (&r.c_prev[..n], &mut r.c[..n], &mut r.h[..n]);
         for ((((cj, &cp), &fj), &ij), &gj) in c.iter_mut().zip(c_prev).zip(f).zip(i).zip(g.iter()) {
             *cj = fj * cp + ij * gj;
         }
         for ((hj, &cj), &oj) in h.iter_mut().zip(c.iter()).zip(o.iter()) {
-            *hj = oj * cj.tanh();
+            *hj = oj * cj.tanh::<I>();
         }
         if train {
             let (gates, sc) = r.saved[..5 * n].split_at_mut(4 * n);
@@ -40,7 +40,7 @@ impl Cell for Lstm {
     }
 
     #[inline(always)]
-    fn backward<T: Float>(self, r: Bwd<'_, T>) {
+    fn backward<I: Isa, T: Float>(self, r: Bwd<'_, T>) {
         let n = r.dh.len();
         let [si, sf, sg, so, sc] = blocks::<5, T>(r.saved, n);
         let (dh, dc, c_prev) = (&mut r.dh[..n], &mut r.dc[..n], &r.c_prev[..n]);
@@ -52,7 +52,7 @@ impl Cell for Lstm {
         }
         // tanh(c_t), kept in the o block until it becomes dL/d(o's pre-activation).
         for (t, &c) in dxo.iter_mut().zip(sc) {
-            *t = c.tanh();
+            *t = c.tanh::<I>();
         }
         for (((d, &h), &o), &t) in dc.iter_mut().zip(dh.iter()).zip(so).zip(dxo.iter()) {
             *d += h * o * (T::ONE - t * t);

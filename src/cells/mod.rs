@@ -9,7 +9,7 @@ pub mod gru;
 pub mod lstm;
 pub mod rnn;
 
-use crate::simd::Float;
+use crate::simd::{Float, Isa};
 
 /// One row of the forward pointwise pass of a time step.
 pub struct Fwd<'a, T> {
@@ -62,8 +62,9 @@ pub trait Cell: Copy + Send + Sync {
     /// applies to `W_hn h` only), so the sweep must keep both.
     const SPLIT_DGH: bool = false;
 
-    fn forward<T: Float>(self, r: Fwd<'_, T>, train: bool);
-    fn backward<T: Float>(self, r: Bwd<'_, T>);
+    /// The forward pointwise pass, in the kernel copy `I` (see `simd::dispatch`).
+    fn forward<I: Isa, T: Float>(self, r: Fwd<'_, T>, train: bool);
+    fn backward<I: Isa, T: Float>(self, r: Bwd<'_, T>);
 }
 
 /// The cells the library knows, as named in the Python API.
@@ -152,15 +153,15 @@ pub(crate) fn add_pre<T: Float>(hw: &mut [T], xw: &[T], b_ih: &[T], b_hh: &[T]) 
 }
 
 #[inline(always)]
-pub(crate) fn sigmoid_in_place<T: Float>(s: &mut [T]) {
+pub(crate) fn sigmoid_in_place<I: Isa, T: Float>(s: &mut [T]) {
     for v in s {
-        *v = v.sigmoid();
+        *v = v.sigmoid::<I>();
     }
 }
 
 #[inline(always)]
-pub(crate) fn tanh_in_place<T: Float>(s: &mut [T]) {
+pub(crate) fn tanh_in_place<I: Isa, T: Float>(s: &mut [T]) {
     for v in s {
-        *v = v.tanh();
+        *v = v.tanh::<I>();
     }
 }

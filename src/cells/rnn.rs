@@ -1,12 +1,12 @@
 //! Elman RNN: `h' = act(W_ih x + b_ih + W_hh h + b_hh)`, act = tanh or relu (PyTorch's nn.RNN).
 
 use super::{add_pre, Bwd, Cell, Fwd};
-use crate::simd::Float;
+use crate::simd::{Float, Isa};
 use std::marker::PhantomData;
 
 /// An activation and its derivative expressed through its output.
 pub trait Activation: Copy + Send + Sync + Default {
-    fn f<T: Float>(x: T) -> T;
+    fn f<I: Isa, T: Float>(x: T) -> T;
     /// f'(x) given y = f(x).
     fn df_from_y<T: Float>(y: T) -> T;
 }
@@ -18,8 +18,8 @@ pub struct Relu;
 
 impl Activation for Tanh {
     #[inline(always)]
-    fn f<T: Float>(x: T) -> T {
-        x.tanh()
+    fn f<I: Isa, T: Float>(x: T) -> T {
+        x.tanh::<I>()
     }
     #[inline(always)]
     fn df_from_y<T: Float>(y: T) -> T {
@@ -29,7 +29,7 @@ impl Activation for Tanh {
 
 impl Activation for Relu {
     #[inline(always)]
-    fn f<T: Float>(x: T) -> T {
+    fn f<I: Isa, T: Float>(x: T) -> T {
         x.relu()
     }
     #[inline(always)]
@@ -51,12 +51,12 @@ impl<A: Activation> Cell for Rnn<A> {
     const SAVED: usize = 1; // h_t
 
     #[inline(always)]
-    fn forward<T: Float>(self, r: Fwd<'_, T>, train: bool) {
+    fn forward<I: Isa, T: Float>(self, r: Fwd<'_, T>, train: bool) {
         let n = r.h.len();
         let hw = &mut r.hw[..n];
         add_pre(hw, &r.xw[..n], &r.b_ih[..n], &r.b_hh[..n]);
         for (h, &a) in r.h.iter_mut().zip(hw.iter()) {
-            *h = A::f(a);
+            *h = A::f::<I, T>(a);
         }
         if train {
             r.saved[..n].copy_from_slice(r.h);
@@ -64,7 +64,7 @@ impl<A: Activation> Cell for Rnn<A> {
     }
 
     #[inline(always)]
-    fn backward<T: Float>(self, r: Bwd<'_, T>) {
+    fn backward<I: Isa, T: Float>(self, r: Bwd<'_, T>) {
         let n = r.dh.len();
         let (dy, h) = (&r.dy[..n], &r.saved[..n]);
         let (dgx, dgh) = (&mut r.dgx[..n], &mut r.dgh[..n]);
