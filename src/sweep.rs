@@ -575,7 +575,7 @@ fn forward_impl<C: Cell, T: Float>(
             hprev: buffers::zeros(rows * h),
         });
         let keep = tape.as_mut().map(|t| (Ptr::new(&mut t.saved), Ptr::new(&mut t.hprev)));
-        let (w_hh, bias) = forward_blocks(&w, C::GATES, h, &units, plan.max_rows());
+        let (w_hh, bias) = forward_blocks(&w, C::GATES, h, &units, plan.max_rows(), threads);
         let sw = Sweep {
             cell,
             layer,
@@ -638,24 +638,25 @@ fn by_unit_block<T: Float>(m: &[T], gates: usize, h: usize, cols: usize, units: 
     out
 }
 
-/// Per unit block: the forward's packed W_hh (see [`Sweep::w_hh`]) and its biases.
+/// Per unit block: the forward's packed W_hh (see [`Sweep::w_hh`]) and its biases, the blocks on
+/// up to `threads` threads.
 fn forward_blocks<T: Float>(
     w: &Weights<'_, T>,
     gates: usize,
     h: usize,
     units: &[(usize, usize)],
     max_rows: usize,
+    threads: usize,
 ) -> (Vec<PackedB<T>>, Vec<Vec<T>>) {
-    units
-        .iter()
-        .map(|&(u0, u1)| {
-            let rows = (0..gates).map(|g| Mat::new(&w.w_hh[(g * h + u0) * h..], u1 - u0, h, h).t());
-            let bias = [w.b_ih, w.b_hh]
-                .map(|b| by_unit_block(b, gates, h, 1, &[(u0, u1)]))
-                .concat();
-            (PackedB::new(rows.collect(), max_rows), bias)
-        })
-        .unzip()
+    map_items(units.to_vec(), threads, |_, (u0, u1)| {
+        let rows = (0..gates).map(|g| Mat::new(&w.w_hh[(g * h + u0) * h..], u1 - u0, h, h).t());
+        let bias = [w.b_ih, w.b_hh]
+            .map(|b| by_unit_block(b, gates, h, 1, &[(u0, u1)]))
+            .concat();
+        (PackedB::new(rows.collect(), max_rows), bias)
+    })
+    .into_iter()
+    .unzip()
 }
 
 /// `active[s]`: how many of a slice's rows (sorted longest first) run step `s`.
@@ -953,10 +954,9 @@ fn backward_impl<C: Cell, T: Float>(
             Vec::new()
         };
         let units = unit_blocks(h);
-        let w_hh: Vec<_> = units
-            .iter()
-            .map(|&(u0, u1)| PackedB::new(vec![Mat::new(&w.w_hh[u0..], gh, u1 - u0, h)], tape.plan.max_rows()))
-            .collect();
+        let w_hh = map_items(units.clone(), threads, |_, (u0, u1)| {
+            PackedB::new(vec![Mat::new(&w.w_hh[u0..], gh, u1 - u0, h)], tape.plan.max_rows())
+        });
         let sw = Sweep {
             cell,
             layer,
