@@ -566,7 +566,9 @@ fn forward_impl<C: Cell, T: Float>(
             xw.set_len(nrows * gh);
         }
         if let Some(idx) = &valid {
-            let mut full = buffers::zeros(rows * gh);
+            // Fresh zeroed pages, of which the padding rows are never touched (a kept buffer
+            // would have to be cleared whole).
+            let mut full = vec![T::ZERO; rows * gh];
             scatter(&mut full, idx, gh, &xw);
             buffers::give(std::mem::replace(&mut xw, full));
         }
