@@ -772,8 +772,8 @@ impl<C: Cell, T: Float> Kernel for FwdTile<'_, '_, C, T> {
         let (w, n) = (u1 - u0, r1 - r0);
         let gw = C::GATES * w;
         let hw = &mut self.scratch[..n * gw];
-        // The rows' input projections, read by the pointwise pass after the product: from memory
-        // (the projection of all the steps was written before the loop) while it runs.
+        // Fetch the rows' input projections (written before the loop, so likely out of cache)
+        // while the product runs: the pointwise pass reads them after it.
         let xrow = |r: usize| sw.layer.row(time_of(self.lens[r], s, sw.reverse), self.perm[r]);
         for r in r0..r1 {
             prefetch(&self.xw[xrow(r) * gh + C::GATES * u0..][..gw]);
