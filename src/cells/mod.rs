@@ -2,8 +2,8 @@
 //! side by side. The time loop (`sweep.rs`) is shared by all of them; a new cell is a new file
 //! here plus one line in [`with_cell!`](crate::with_cell).
 //!
-//! Every routine works on one batch row of width `H` (the hidden size); gate blocks follow
-//! PyTorch's order, each `H` wide.
+//! Every routine works on one batch row over one block of hidden units, of width `H` below (the
+//! hidden size when the step is one block); gate blocks follow PyTorch's order, each `H` wide.
 
 pub mod gru;
 pub mod lstm;
@@ -25,7 +25,8 @@ pub struct Fwd<'a, T> {
     pub h: &'a mut [T],
     /// New cell state (empty unless [`Cell::HAS_C`]).
     pub c: &'a mut [T],
-    /// What backward needs, `SAVED * H` (written only when training; empty otherwise).
+    /// What backward needs, `SAVED` pieces of the row's width side by side (written only when
+    /// training; empty otherwise).
     pub saved: &'a mut [T],
 }
 
