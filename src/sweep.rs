@@ -545,6 +545,14 @@ fn forward_impl<C: Cell, T: Float>(
         None => Cow::Borrowed(x),
     };
     let nrows = valid.as_ref().map_or(rows, Vec::len);
+    // Where each valid x-order row's input projection is among the gathered rows.
+    let xw_at = valid.as_ref().map(|idx| {
+        let mut at = vec![usize::MAX; rows];
+        for (k, &r) in idx.iter().enumerate() {
+            at[r] = k;
+        }
+        at
+    });
     let (yp, hnp, cnp) = (Ptr::new(y), Ptr::new(hn), Ptr::new(cn));
     let bh = d.batch * h;
     let units = unit_blocks(h);
@@ -552,25 +560,18 @@ fn forward_impl<C: Cell, T: Float>(
         // The input projection's columns come unit block by unit block (see `by_unit_block`), so
         // that each block of a step reads its gates' inputs as one piece.
         let w_ih = by_unit_block(w.w_ih, C::GATES, h, d.input, &units);
-        let mut xw = buffers::take(nrows * gh);
+        let mut xw_buf = buffers::take(nrows * gh);
         // SAFETY: the view covers the vector's capacity, which `matmul` fills without reading it
         // (no accumulation), so every element is written before the length takes it in.
         unsafe {
             matmul(
-                MatMut::from_raw(xw.as_mut_ptr(), nrows, gh, gh),
+                MatMut::from_raw(xw_buf.as_mut_ptr(), nrows, gh, gh),
                 false,
                 Mat::new(&xs, nrows, d.input, d.input),
                 Mat::new(&w_ih, gh, d.input, d.input).t(),
                 threads,
             );
-            xw.set_len(nrows * gh);
-        }
-        if let Some(idx) = &valid {
-            // Fresh zeroed pages, of which the padding rows are never touched (a kept buffer
-            // would have to be cleared whole).
-            let mut full = vec![T::ZERO; rows * gh];
-            scatter(&mut full, idx, gh, &xw);
-            buffers::give(std::mem::replace(&mut xw, full));
+            xw_buf.set_len(nrows * gh);
         }
         let mut tape = train.then(|| DirTape {
             saved: buffers::zeros(rows * C::SAVED * h),
@@ -598,8 +599,13 @@ fn forward_impl<C: Cell, T: Float>(
         };
         let h0 = h0.map(|s| &s[dir * bh..(dir + 1) * bh]);
         let c0 = c0.map(|s| &s[dir * bh..(dir + 1) * bh]);
-        plan.for_each_slice(threads, |off, n, team| sw.forward_slice(off, n, team, &xw, h0, c0, out));
-        buffers::give(xw);
+        let xw = InputProj {
+            data: &xw_buf,
+            gh,
+            at: xw_at.as_deref(),
+        };
+        plan.for_each_slice(threads, |off, n, team| sw.forward_slice(off, n, team, xw, h0, c0, out));
+        buffers::give(xw_buf);
         tape
     });
     train.then(|| Tape {
@@ -671,6 +677,25 @@ fn widest(units: &[(usize, usize)]) -> usize {
     units.iter().map(|&(u0, u1)| u1 - u0).max().unwrap_or(0)
 }
 
+/// The input projection `x W_ih^T` of a forward sweep, its columns by unit block
+/// ([`by_unit_block`]): one row per x-order row, or, when padding is skipped, one per valid row
+/// only, packed in x order.
+#[derive(Clone, Copy)]
+struct InputProj<'a, T> {
+    data: &'a [T],
+    gh: usize,
+    /// With padding skipped: the packed row of each valid x-order row.
+    at: Option<&'a [usize]>,
+}
+
+impl<'a, T> InputProj<'a, T> {
+    /// The projection of x-order row `xr` (a valid one).
+    fn row(&self, xr: usize) -> &'a [T] {
+        let k = self.at.map_or(xr, |at| at[xr]);
+        &self.data[k * self.gh..(k + 1) * self.gh]
+    }
+}
+
 /// Where a forward slice writes.
 #[derive(Clone, Copy)]
 struct FwdOut<T> {
@@ -692,7 +717,7 @@ impl<C: Cell, T: Float> Sweep<'_, C, T> {
         off: usize,
         n: usize,
         members: usize,
-        xw: &[T],
+        xw: InputProj<'_, T>,
         h0: Option<&[T]>,
         c0: Option<&[T]>,
         out: FwdOut<T>,
@@ -751,8 +776,7 @@ struct FwdTile<'a, 'w, C, T> {
     rows: (usize, usize),
     perm: &'a [usize],
     lens: &'a [usize],
-    /// The input projection, its columns by unit block ([`by_unit_block`]).
-    xw: &'a [T],
+    xw: InputProj<'a, T>,
     /// (input, output) state buffers of the step.
     h: (Ptr<T>, Ptr<T>),
     c: (Ptr<T>, Ptr<T>),
@@ -765,7 +789,7 @@ impl<C: Cell, T: Float> Kernel for FwdTile<'_, '_, C, T> {
     #[inline(always)]
     fn run<I: Isa>(self) {
         let sw = self.sw;
-        let (h, gh) = (sw.layer.dims.hidden, sw.layer.gh());
+        let h = sw.layer.dims.hidden;
         let sv = C::SAVED * h;
         let (out, s) = (self.out, self.s);
         let ((u0, u1), (r0, r1)) = (sw.units[self.ub], self.rows);
@@ -776,7 +800,7 @@ impl<C: Cell, T: Float> Kernel for FwdTile<'_, '_, C, T> {
         // while the product runs: the pointwise pass reads them after it.
         let xrow = |r: usize| sw.layer.row(time_of(self.lens[r], s, sw.reverse), self.perm[r]);
         for r in r0..r1 {
-            prefetch(&self.xw[xrow(r) * gh + C::GATES * u0..][..gw]);
+            prefetch(&self.xw.row(xrow(r))[C::GATES * u0..][..gw]);
         }
         // SAFETY: no one writes the step's input state during the step.
         let h_in = unsafe { self.h.0.read(r0 * h, n * h) };
@@ -791,7 +815,7 @@ impl<C: Cell, T: Float> Kernel for FwdTile<'_, '_, C, T> {
             let r = r0 + i;
             let (b, len, xr) = (self.perm[r], self.lens[r], xrow(r));
             // The block's inputs, its gates side by side (see `by_unit_block`).
-            let xl = &self.xw[xr * gh + C::GATES * u0..][..gw];
+            let xl = &self.xw.row(xr)[C::GATES * u0..][..gw];
             let h_prev = &h_in[i * h + u0..][..w];
             // SAFETY: this block alone writes units [u0, u1) of row r of the output state, of row
             // xr of the kept buffers and of y, and of row b of hn / cn; no one writes the input
