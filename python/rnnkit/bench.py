@@ -178,7 +178,11 @@ def measure(runners: dict[str, Runner], timing: Timing) -> dict[str, Stats]:
     repeat count fits the slowest side's repeats into `budget`, within [min_repeats, max_repeats].
     Before each repeat the machine is left idle for `SETTLE` seconds: the thread pools of every
     side (ONNX Runtime's, OpenMP's, rayon's) spin for a while after their work before they sleep,
-    and on two cores a pool still spinning from the previous side would slow the next one.
+    and on two cores a pool still spinning from the previous side would slow the next one. Then
+    the side makes one untimed call, so that every repeat is timed warm: the previous side has
+    filled the caches with its own data and let its threads sleep, which measured slowed the first
+    calls after it by up to 1.7x (rnnkit's LSTM at B=8 after ONNX Runtime's: 16 ms for the first
+    call, 10 ms for the second, 7.8 ms from the third on).
     """
 
     def repeat(fn: Runner, number: int) -> float:
@@ -196,6 +200,7 @@ def measure(runners: dict[str, Runner], timing: Timing) -> dict[str, Stats]:
         for i in range(timing.warmup + repeats):
             for side, fn in runners.items():
                 time.sleep(SETTLE)
+                fn()
                 t = repeat(fn, number[side]) / number[side]
                 if i >= timing.warmup:
                     times[side].append(t)
