@@ -308,10 +308,15 @@ const MIN_BLOCKS: usize = 4;
 const MIN_PART_ROWS: usize = 16;
 
 /// The hidden units `[u0, u1)` of each unit block: about `UNIT_BLOCK` wide, multiples of 8
-/// (a vector) but the last. They depend on the hidden size alone, never on the thread count, so
-/// that the results do not either.
+/// (a vector) but the last. From three blocks on, their count is rounded to a multiple of four,
+/// so that two or four threads get equal shares (three blocks on two threads had left one thread
+/// idle for a third of each step: H=192 ran 1.15x faster on two threads than on one). They depend
+/// on the hidden size alone, never on the thread count, so that the results do not either.
 fn unit_blocks(hidden: usize) -> Vec<(usize, usize)> {
-    let nb = (hidden / UNIT_BLOCK).max(1);
+    let mut nb = (hidden / UNIT_BLOCK).max(1);
+    if nb >= 3 {
+        nb = (nb + 1) / 4 * 4;
+    }
     let w = hidden.div_ceil(nb).next_multiple_of(8);
     (0..hidden).step_by(w).map(|u0| (u0, (u0 + w).min(hidden))).collect()
 }

@@ -61,7 +61,7 @@ def test_float32_close_to_float64(cell, batch, hidden):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize(
-    ("batch", "hidden"), [(1, 32), (8, 32), (40, 32), (130, 32), (200, 32), (64, 256), (37, 136)]
+    ("batch", "hidden"), [(1, 32), (8, 32), (40, 32), (130, 32), (200, 32), (64, 256), (37, 136), (8, 200)]
 )
 @pytest.mark.parametrize("cell", CELLS)
 def test_one_thread_equals_two_threads(cell, batch, hidden, dtype, num_threads):
@@ -70,7 +70,8 @@ def test_one_thread_equals_two_threads(cell, batch, hidden, dtype, num_threads):
     own time loops. (The GEMM crate's rounding depends on a product's row count, see
     test_batch_composition_rounding_is_ulp_level, so this needs the slicing to depend on the batch
     alone, never on the thread count.) At (64, 256), (40, 32) and (37, 136) each step is cut into
-    blocks of hidden units, of rows, or both, that the threads share.
+    blocks of hidden units, of rows, or both, that the threads share; at (8, 200) into four blocks
+    of units (their count rounded up from three), the last one narrower.
     """
     rng = np.random.default_rng(batch)
     for batch_first in (True, False):
