@@ -27,11 +27,23 @@ use crate::team;
 use rayon::prelude::*;
 use std::borrow::Cow;
 
-/// Sequences per batch slice: a slice runs its own time loop. The slicing depends on the batch
-/// size only, never on the thread count, so that results do not change with the number of
+/// Sequences per batch slice, about: a slice runs its own time loop. The slicing depends on the
+/// batch size only, never on the thread count, so that results do not change with the number of
 /// threads (the GEMM crate's rounding depends on the row count of a product). Below two slices'
-/// worth, one loop runs and the threads share its steps (see [`Tiles`]).
+/// worth, one loop runs and the threads share its steps (see [`Tiles`]). The slice count is
+/// [`balanced`].
 const SLICE_ROWS: usize = 64;
+
+/// A count of equal pieces of work (batch slices, unit blocks) made fair to two or four threads:
+/// from three on, rounded to the nearest multiple of four (three slices on two threads had left
+/// one thread idle for a third of the time loop).
+fn balanced(n: usize) -> usize {
+    if n >= 3 {
+        (n + 1) / 4 * 4
+    } else {
+        n
+    }
+}
 
 /// Sizes of one layer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -267,7 +279,7 @@ struct Plan {
 
 impl Plan {
     fn new(batch: usize, seq_len: usize, lengths: Option<&[usize]>) -> Plan {
-        let nslices = (batch / SLICE_ROWS).max(1);
+        let nslices = balanced((batch / SLICE_ROWS).max(1));
         let mut order: Vec<usize> = (0..batch).collect();
         if let Some(l) = lengths {
             order.sort_by_key(|&b| std::cmp::Reverse(l[b]));
@@ -308,15 +320,11 @@ const MIN_BLOCKS: usize = 4;
 const MIN_PART_ROWS: usize = 16;
 
 /// The hidden units `[u0, u1)` of each unit block: about `UNIT_BLOCK` wide, multiples of 8
-/// (a vector) but the last. From three blocks on, their count is rounded to a multiple of four,
-/// so that two or four threads get equal shares (three blocks on two threads had left one thread
-/// idle for a third of each step: H=192 ran 1.15x faster on two threads than on one). They depend
-/// on the hidden size alone, never on the thread count, so that the results do not either.
+/// (a vector) but the last, their count [`balanced`] (H=192 had three blocks, and ran 1.15x
+/// faster on two threads than on one). They depend on the hidden size alone, never on the thread
+/// count, so that the results do not either.
 fn unit_blocks(hidden: usize) -> Vec<(usize, usize)> {
-    let mut nb = (hidden / UNIT_BLOCK).max(1);
-    if nb >= 3 {
-        nb = (nb + 1) / 4 * 4;
-    }
+    let nb = balanced((hidden / UNIT_BLOCK).max(1));
     let w = hidden.div_ceil(nb).next_multiple_of(8);
     (0..hidden).step_by(w).map(|u0| (u0, (u0 + w).min(hidden))).collect()
 }
