@@ -812,8 +812,10 @@ impl<C: Cell, T: Float> Kernel for FwdTile<'_, '_, C, T> {
         // Fetch the rows' input projections (written before the loop, so likely out of cache)
         // while the product runs: the pointwise pass reads them after it.
         let xrow = |r: usize| sw.layer.row(time_of(self.lens[r], s, sw.reverse), self.perm[r]);
+        // Compact row r's inputs to this block, its gates side by side (see `by_unit_block`).
+        let inputs = |r: usize| &self.xw.row(xrow(r))[C::GATES * u0..][..gw];
         for r in r0..r1 {
-            prefetch(&self.xw.row(xrow(r))[C::GATES * u0..][..gw]);
+            prefetch(inputs(r));
         }
         // SAFETY: no one writes the step's input state during the step.
         let h_in = unsafe { self.h.0.read(r0 * h, n * h) };
@@ -830,11 +832,10 @@ impl<C: Cell, T: Float> Kernel for FwdTile<'_, '_, C, T> {
             // caches: fetch the next row's inputs again while this row's pointwise pass runs
             // (the hottest stalled load fell from 16% to 6% of the pass's samples, LSTM B=8).
             if r + 1 < r1 {
-                prefetch(&self.xw.row(xrow(r + 1))[C::GATES * u0..][..gw]);
+                prefetch(inputs(r + 1));
             }
             let (b, len, xr) = (self.perm[r], self.lens[r], xrow(r));
-            // The block's inputs, its gates side by side (see `by_unit_block`).
-            let xl = &self.xw.row(xr)[C::GATES * u0..][..gw];
+            let xl = inputs(r);
             let h_prev = &h_in[i * h + u0..][..w];
             // SAFETY: this block alone writes units [u0, u1) of row r of the output state, of row
             // xr of the kept buffers and of y, and of row b of hn / cn; no one writes the input
