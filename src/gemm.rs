@@ -662,6 +662,12 @@ mod tests {
         Cols,
     }
 
+    /// A pool of two threads shared by the tests, so that `matmul` can run on two threads.
+    fn two_threads() -> &'static rayon::ThreadPool {
+        static POOL: std::sync::OnceLock<rayon::ThreadPool> = std::sync::OnceLock::new();
+        POOL.get_or_init(|| rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap())
+    }
+
     /// `c (+)= a * b` against a plain triple loop in f64, on 1 and 2 threads, whose results must
     /// be bitwise the same.
     fn check_one<T: Float>(m: usize, k: usize, n: usize, tol: f64, via: Via) {
@@ -672,7 +678,6 @@ mod tests {
         let b = Mat::new(&bt, n, k, k).t(); // B is (k x n), column stride k
         let (j1, j2) = (n / 3, n / 3 + n / 2);
         let pb = PackedB::new(vec![b.cols_at(0, j1), b.cols_at(j1, j2 - j1), b.cols_at(j2, n - j2)], m);
-        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
         for accumulate in [false, true] {
             let init: Vec<T> = (0..m * n).map(|i| T::from_f64(i as f64 * 0.01)).collect();
             let results = [1, 2].map(|threads| {
@@ -680,8 +685,10 @@ mod tests {
                 let dst = MatMut::new(&mut c, m, n, n);
                 match via {
                     Via::Packed => matmul_packed(dst, accumulate, Mat::new(&a, m, k, k), &pb),
-                    Via::Rows => pool.install(|| matmul(dst, accumulate, Mat::new(&a, m, k, k), b, threads)),
-                    Via::Cols => pool.install(|| matmul(dst, accumulate, Mat::new(&a, k, m, m).t(), b, threads)),
+                    Via::Rows => two_threads().install(|| matmul(dst, accumulate, Mat::new(&a, m, k, k), b, threads)),
+                    Via::Cols => {
+                        two_threads().install(|| matmul(dst, accumulate, Mat::new(&a, k, m, m).t(), b, threads))
+                    }
                 }
                 c
             });
