@@ -78,15 +78,30 @@ class Timing:
     max_repeats: int
     budget: float  # seconds of timed repeats per side, within [min_repeats, max_repeats]
     min_repeat_time: float  # calls per repeat are raised until one repeat takes this long
+    warm_time: float  # untimed calls after each settle, at least one, for at least this long
     seq_len: int  # T of every sequence case (and steps of the streaming cases)
     peak_repeats: int
 
 
 FULL = Timing(
-    warmup=1, min_repeats=5, max_repeats=20, budget=4.0, min_repeat_time=0.05, seq_len=100, peak_repeats=5
+    warmup=1,
+    min_repeats=5,
+    max_repeats=20,
+    budget=4.0,
+    min_repeat_time=0.05,
+    warm_time=0.03,
+    seq_len=100,
+    peak_repeats=5,
 )
 QUICK = Timing(
-    warmup=0, min_repeats=1, max_repeats=1, budget=0.0, min_repeat_time=0.0, seq_len=8, peak_repeats=1
+    warmup=0,
+    min_repeats=1,
+    max_repeats=1,
+    budget=0.0,
+    min_repeat_time=0.0,
+    warm_time=0.0,
+    seq_len=8,
+    peak_repeats=1,
 )
 
 
@@ -151,9 +166,14 @@ class Stats:
     min: float
     repeats: int
     number: int  # calls per repeat
+    #: Median over the repeats of the first call after the idle pause (see `measure`): the
+    #: latency of a call that comes after the machine has been idle, not part of the timing.
+    after_idle: float
 
     def scaled(self, factor: float) -> Stats:
-        return replace(self, median=self.median * factor, min=self.min * factor)
+        return replace(
+            self, median=self.median * factor, min=self.min * factor, after_idle=self.after_idle * factor
+        )
 
 
 @contextlib.contextmanager
@@ -179,10 +199,13 @@ def measure(runners: dict[str, Runner], timing: Timing) -> dict[str, Stats]:
     Before each repeat the machine is left idle for `SETTLE` seconds: the thread pools of every
     side (ONNX Runtime's, OpenMP's, rayon's) spin for a while after their work before they sleep,
     and on two cores a pool still spinning from the previous side would slow the next one. Then
-    the side makes one untimed call, so that every repeat is timed warm: the previous side has
-    filled the caches with its own data and let its threads sleep, which measured slowed the first
-    calls after it by up to 1.7x (rnnkit's LSTM at B=8 after ONNX Runtime's: 16 ms for the first
-    call, 10 ms for the second, 7.8 ms from the third on).
+    the side makes untimed calls for `warm_time` (at least one), so that every repeat is timed
+    warm: after the pause the first calls run slower, by up to 1.7x (rnnkit's LSTM at B=8 after
+    ONNX Runtime's: 16 ms for the first call, 10 ms for the second, 7.8 ms from the third on),
+    and at batch 1 on two threads a side can need 10-20 ms of calls to get back to its speed
+    (rnnkit's GRU: 3.3 ms, 1.03 ms, 0.75 ms, then 0.56, 0.51 and 0.45 ms at the 5th, 9th and 17th
+    call; ONNX Runtime's, 1.39, 0.88 and 0.80 ms, level from the 5th call). The first call after
+    the pause is timed apart, as `Stats.after_idle`.
     """
 
     def repeat(fn: Runner, number: int) -> float:
@@ -191,20 +214,33 @@ def measure(runners: dict[str, Runner], timing: Timing) -> dict[str, Stats]:
             fn()
         return time.perf_counter() - t0
 
+    def warm(fn: Runner) -> float:
+        """Calls for `warm_time` (at least one); the time of the first."""
+        first = repeat(fn, 1)
+        end = time.perf_counter() + timing.warm_time - first
+        while time.perf_counter() < end:
+            fn()
+        return first
+
     with gc_paused():
         once = {side: repeat(fn, 1) for side, fn in runners.items()}  # warm-up and calibration
         number = {side: max(1, math.ceil(timing.min_repeat_time / max(t, 1e-9))) for side, t in once.items()}
         slowest = max((once[side] * number[side] for side in runners), default=1.0)
         repeats = min(timing.max_repeats, max(timing.min_repeats, int(timing.budget / max(slowest, 1e-9))))
         times: dict[str, list[float]] = {side: [] for side in runners}
+        firsts: dict[str, list[float]] = {side: [] for side in runners}
         for i in range(timing.warmup + repeats):
             for side, fn in runners.items():
                 time.sleep(SETTLE)
-                fn()
+                first = warm(fn)
                 t = repeat(fn, number[side]) / number[side]
                 if i >= timing.warmup:
                     times[side].append(t)
-    return {side: Stats(statistics.median(ts), min(ts), repeats, number[side]) for side, ts in times.items()}
+                    firsts[side].append(first)
+    return {
+        side: Stats(statistics.median(ts), min(ts), repeats, number[side], statistics.median(firsts[side]))
+        for side, ts in times.items()
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -788,6 +824,15 @@ def markdown(result: dict[str, Any], rows: Sequence[Row], peaks: dict[int, dict[
     if scaling:
         lines += ["", f"Speed-up of {threads} threads over 1:", ""]
         lines += md_table(["config", "rnnkit", "torch", "ORT"], scaling)
+    idle = [
+        [r.case.label, *(fmt_time(st.after_idle) if (st := r.times.get(side)) else "—" for side in SIDES)]
+        for r in rows
+        if r.case.section == "grid"
+    ]
+    if idle:
+        title = f"First call after {SETTLE * 1e3:.0f} ms idle (median of the repeats; not in the timings):"
+        lines += ["", title, ""]
+        lines += md_table(["config", "rnnkit", "torch", "ORT"], idle)
     return "\n".join(lines) + "\n"
 
 
