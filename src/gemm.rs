@@ -677,14 +677,19 @@ mod tests {
         let bt: Vec<T> = (0..n * k).map(|i| value(i, 5, 11)).collect();
         let b = Mat::new(&bt, n, k, k).t(); // B is (k x n), column stride k
         let (j1, j2) = (n / 3, n / 3 + n / 2);
-        let pb = PackedB::new(vec![b.cols_at(0, j1), b.cols_at(j1, j2 - j1), b.cols_at(j2, n - j2)], m);
+        // Packed once, and only for the packed path.
+        let pb = (via == Via::Packed)
+            .then(|| PackedB::new(vec![b.cols_at(0, j1), b.cols_at(j1, j2 - j1), b.cols_at(j2, n - j2)], m));
         for accumulate in [false, true] {
             let init: Vec<T> = (0..m * n).map(|i| T::from_f64(i as f64 * 0.01)).collect();
             let results = [1, 2].map(|threads| {
                 let mut c = init.clone();
                 let dst = MatMut::new(&mut c, m, n, n);
                 match via {
-                    Via::Packed => matmul_packed(dst, accumulate, Mat::new(&a, m, k, k), &pb),
+                    Via::Packed => {
+                        let pb = pb.as_ref().expect("packed for Via::Packed");
+                        matmul_packed(dst, accumulate, Mat::new(&a, m, k, k), pb)
+                    }
                     Via::Rows => two_threads().install(|| matmul(dst, accumulate, Mat::new(&a, m, k, k), b, threads)),
                     Via::Cols => {
                         two_threads().install(|| matmul(dst, accumulate, Mat::new(&a, k, m, m).t(), b, threads))
