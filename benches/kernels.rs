@@ -131,6 +131,7 @@ impl Problem {
             &mut self.hn,
             &mut self.cn,
             train,
+            None,
         )
         .expect("forward")
     }

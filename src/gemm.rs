@@ -310,8 +310,7 @@ impl<T: Float> PackedB<T> {
         let n = parts.iter().map(|b| b.cols).sum::<usize>();
         let nr = T::PANEL;
         let mut data = Vec::new();
-        let dot = max_rows <= DOT_MAX_ROWS && T::dot_kernel().is_some() && parts.iter().all(|b| b.rs == 1);
-        if T::panel_kernel().is_some() && !dot {
+        if Self::packs(max_rows, parts.iter().all(|b| b.rs == 1)) {
             data = vec![T::ZERO; n.div_ceil(nr) * k * nr];
             // Where each column starts and its row stride; a panel is filled row by row, reading
             // its columns side by side.
@@ -329,6 +328,18 @@ impl<T: Float> PackedB<T> {
             }
         }
         PackedB { parts, k, n, data }
+    }
+
+    /// The elements packed (none when the products read the blocks as they are).
+    pub fn packed_len(&self) -> usize {
+        self.data.len()
+    }
+
+    /// Whether a packing for products of up to `max_rows` rows holds packed panels, for blocks
+    /// whose columns are `contiguous` or not; if not, its products read the blocks as they are.
+    pub fn packs(max_rows: usize, contiguous: bool) -> bool {
+        let dot = max_rows <= DOT_MAX_ROWS && T::dot_kernel().is_some() && contiguous;
+        T::panel_kernel().is_some() && !dot
     }
 }
 

@@ -6,7 +6,7 @@ use crate::cells::CellKind;
 use crate::error::Error;
 use crate::gemm::{matmul, Mat, MatMut};
 use crate::simd::Float;
-use crate::sweep::{self, Dims, Grads, Layer, Layout, Tape, Weights};
+use crate::sweep::{self, Dims, Grads, Layer, Layout, Tape, WeightCache, Weights};
 use numpy::{
     Element, PyArray3, PyArrayDescrMethods, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn, PyReadwriteArrayDyn,
     PyUntypedArray, PyUntypedArrayMethods,
@@ -238,6 +238,70 @@ impl PyTape {
     }
 }
 
+enum AnyCache {
+    F32(WeightCache<f32>),
+    F64(WeightCache<f64>),
+}
+
+/// One recurrent layer's weights prepared for the kernels (the recurrent weights packed) and kept
+/// from one inference `forward` to the next. Each call compares the weights it is given with the
+/// copy it holds, bit for bit, and prepares them again when they changed. Copying or pickling
+/// gives an empty cache.
+#[pyclass(module = "rnnkit._core", name = "WeightCache", frozen)]
+pub struct PyWeightCache {
+    inner: Mutex<Option<AnyCache>>,
+}
+
+impl PyWeightCache {
+    /// `f` on the cache, waiting without the GIL for a call that uses it (which needs the GIL to
+    /// return).
+    fn with<R: Send>(&self, py: Python<'_>, f: impl FnOnce(&mut Option<AnyCache>) -> R + Send) -> R {
+        py.detach(|| f(&mut self.inner.lock().unwrap_or_else(|e| e.into_inner())))
+    }
+}
+
+#[pymethods]
+impl PyWeightCache {
+    #[new]
+    fn new() -> Self {
+        PyWeightCache {
+            inner: Mutex::new(None),
+        }
+    }
+    /// How many times the weights were prepared: once, then once per change of the weights.
+    #[getter]
+    fn builds(&self, py: Python<'_>) -> usize {
+        self.with(py, |c| match c {
+            Some(AnyCache::F32(c)) => c.builds(),
+            Some(AnyCache::F64(c)) => c.builds(),
+            None => 0,
+        })
+    }
+    /// Bytes held (the weights' copy and what was prepared from it).
+    #[getter]
+    fn nbytes(&self, py: Python<'_>) -> usize {
+        self.with(py, |c| match c {
+            Some(AnyCache::F32(c)) => c.nbytes(),
+            Some(AnyCache::F64(c)) => c.nbytes(),
+            None => 0,
+        })
+    }
+    /// Free what is held.
+    fn clear(&self, py: Python<'_>) {
+        self.with(py, |c| *c = None);
+    }
+    fn __reduce__<'py>(slf: &Bound<'py, Self>) -> (Bound<'py, pyo3::types::PyType>, ()) {
+        (slf.get_type(), ())
+    }
+    fn __repr__(&self, py: Python<'_>) -> String {
+        format!(
+            "<rnnkit WeightCache: {} bytes, {} builds>",
+            self.nbytes(py),
+            self.builds(py)
+        )
+    }
+}
+
 type ForwardOut<'py> = (
     Bound<'py, PyAny>,
     Bound<'py, PyAny>,
@@ -248,6 +312,8 @@ type ForwardOut<'py> = (
 trait Wrap: Float + Element {
     fn wrap(t: Tape<Self>) -> AnyTape;
     fn peek(t: &AnyTape) -> Option<&Tape<Self>>;
+    /// The cache of this element type in `slot`, replacing one of the other type.
+    fn cache(slot: &mut Option<AnyCache>) -> &mut WeightCache<Self>;
 }
 macro_rules! wrap {
     ($t:ty, $mine:ident) => {
@@ -259,6 +325,15 @@ macro_rules! wrap {
                 match t {
                     AnyTape::$mine(t) => Some(t),
                     _ => None,
+                }
+            }
+            fn cache(slot: &mut Option<AnyCache>) -> &mut WeightCache<$t> {
+                if !matches!(slot, Some(AnyCache::$mine(_))) {
+                    *slot = Some(AnyCache::$mine(WeightCache::default()));
+                }
+                match slot {
+                    Some(AnyCache::$mine(c)) => c,
+                    _ => unreachable!("just set"),
                 }
             }
         }
@@ -294,6 +369,7 @@ fn forward_t<'py, T: Wrap>(
     lengths: Option<&Bound<'py, PyAny>>,
     batch_first: bool,
     train: bool,
+    cache: Option<&PyWeightCache>,
 ) -> PyResult<ForwardOut<'py>> {
     let xa = readonly::<T>(x, "x", 3)?;
     let params = borrow_params::<T>(weights, "weights")?;
@@ -340,7 +416,14 @@ fn forward_t<'py, T: Wrap>(
         };
         let w = weights_of(&params);
         let (xs, h0s, c0s) = (slice(&xa), h0a.as_ref().map(slice), c0a.as_ref().map(slice));
-        py.detach(|| sweep::forward(&layer, xs, &w, h0s, c0s, lens.as_deref(), ys, hs, cs, train))?
+        // A cache in use by another thread's call is left to it: this call prepares its own.
+        let mut guard = match cache.map(|c| c.inner.try_lock()) {
+            Some(Ok(g)) => Some(g),
+            Some(Err(std::sync::TryLockError::Poisoned(e))) => Some(e.into_inner()),
+            Some(Err(std::sync::TryLockError::WouldBlock)) | None => None,
+        };
+        let wc = guard.as_deref_mut().map(T::cache);
+        py.detach(|| sweep::forward(&layer, xs, &w, h0s, c0s, lens.as_deref(), ys, hs, cs, train, wc))?
     };
     let tape = match tape {
         Some(t) => Some(Py::new(
@@ -358,8 +441,10 @@ fn forward_t<'py, T: Wrap>(
 /// Run one recurrent layer (one or two directions) over a batch of sequences.
 ///
 /// Returns `(y, hn, cn, tape)`: `cn` is None unless `cell == "lstm"`, `tape` None unless `train`.
+/// `cache` (inference only): a `WeightCache` that keeps this layer's prepared weights between
+/// calls.
 #[pyfunction]
-#[pyo3(signature = (cell, x, weights, h0=None, c0=None, lengths=None, batch_first=true, train=false))]
+#[pyo3(signature = (cell, x, weights, h0=None, c0=None, lengths=None, batch_first=true, train=false, cache=None))]
 #[allow(clippy::too_many_arguments)]
 fn forward<'py>(
     py: Python<'py>,
@@ -371,11 +456,20 @@ fn forward<'py>(
     lengths: Option<&Bound<'py, PyAny>>,
     batch_first: bool,
     train: bool,
+    cache: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<ForwardOut<'py>> {
     let cell = parse_cell(cell)?;
+    let cache =
+        match cache {
+            Some(c) => Some(c.cast::<PyWeightCache>().map_err(|_| {
+                PyTypeError::new_err(format!("cache must be a WeightCache or None; got {}", type_name(c)))
+            })?),
+            None => None,
+        };
+    let cache = cache.map(|c| c.get());
     match float_kind(x, "x")? {
-        "float32" => forward_t::<f32>(py, cell, x, weights, h0, c0, lengths, batch_first, train),
-        _ => forward_t::<f64>(py, cell, x, weights, h0, c0, lengths, batch_first, train),
+        "float32" => forward_t::<f32>(py, cell, x, weights, h0, c0, lengths, batch_first, train, cache),
+        _ => forward_t::<f64>(py, cell, x, weights, h0, c0, lengths, batch_first, train, cache),
     }
 }
 
@@ -722,6 +816,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(simd_level, m)?)?;
     m.add_function(wrap_pyfunction!(gates, m)?)?;
     m.add_class::<PyTape>()?;
+    m.add_class::<PyWeightCache>()?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

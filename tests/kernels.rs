@@ -9,7 +9,7 @@
 #![allow(clippy::needless_range_loop, clippy::too_many_arguments)]
 
 use rnnkit::simd::Float;
-use rnnkit::sweep::step;
+use rnnkit::sweep::{step, WeightCache};
 use rnnkit::{backward, forward, set_num_threads, CellKind, Dims, Grads, Layer, Layout, Tape, Weights};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Mutex, MutexGuard};
@@ -364,6 +364,11 @@ struct FwdOut<T: Float> {
 /// The library's forward on `p` in precision T; outputs start as NaN so that anything left
 /// unwritten shows.
 fn run_forward<T: Float>(p: &Problem, train: bool) -> FwdOut<T> {
+    run_forward_cached(p, train, None)
+}
+
+/// [`run_forward`] with a weight cache.
+fn run_forward_cached<T: Float>(p: &Problem, train: bool, cache: Option<&mut WeightCache<T>>) -> FwdOut<T> {
     let x = cast::<T>(&p.x);
     let params: Vec<DirParams<T>> = p.params.iter().map(|w| w.each_ref().map(|v| cast(v))).collect();
     let h0 = p.h0.as_deref().map(cast::<T>);
@@ -383,6 +388,7 @@ fn run_forward<T: Float>(p: &Problem, train: bool) -> FwdOut<T> {
         &mut hn,
         &mut cn,
         train,
+        cache,
     )
     .unwrap_or_else(|e| panic!("forward failed on {}: {e}", p.describe()));
     assert_eq!(tape.is_some(), train, "tape iff train");
@@ -579,6 +585,93 @@ fn forward_batch_130_two_threads() {
             }
         }
     }
+}
+
+/// The bits of an inference forward's outputs.
+fn output_bits<T: Float>(o: &FwdOut<T>) -> Vec<u64> {
+    o.y.iter()
+        .chain(&o.hn)
+        .chain(&o.cn)
+        .map(|v| v.to_f64().to_bits())
+        .collect()
+}
+
+/// A forward with a weight cache gives the bits of one without, call after call; the cache is
+/// made once, made again when a weight changes in place (and then gives the new weights' result)
+/// or the layer changes, and is not used where nothing would be packed (a batch of one or two).
+fn check_cache<T: Float>(rng: &mut Rng) {
+    let packs = rnnkit::gemm::PackedB::<T>::packs(4, true);
+    for cell in CELLS {
+        for directions in [1, 2] {
+            for lengths in [None, Some(vec![3, 5, 1, 4])] {
+                let mut p = Problem::new(
+                    rng,
+                    cell,
+                    dims(5, 4, 3, 6),
+                    Layout::BatchFirst,
+                    directions,
+                    lengths,
+                    State::Random,
+                );
+                let mut cache = WeightCache::<T>::default();
+                let want = output_bits(&run_forward::<T>(&p, false));
+                for call in 1..=3 {
+                    let got = output_bits(&run_forward_cached::<T>(&p, false, Some(&mut cache)));
+                    assert_eq!(got, want, "cached call {call} of {}", p.describe());
+                }
+                assert_eq!(cache.builds(), usize::from(packs), "builds of {}", p.describe());
+                p.params[directions - 1][1].iter_mut().for_each(|v| *v *= 0.5); // in place
+                let want_new = output_bits(&run_forward::<T>(&p, false));
+                assert_ne!(want_new, want, "the change shows in the output");
+                let got = output_bits(&run_forward_cached::<T>(&p, false, Some(&mut cache)));
+                assert_eq!(got, want_new, "cached after a change of {}", p.describe());
+                assert_eq!(cache.builds(), 2 * usize::from(packs), "builds after the change");
+                // Another layer (hidden size) through the same cache.
+                let q = Problem::new(
+                    rng,
+                    cell,
+                    dims(5, 4, 3, 9),
+                    Layout::TimeMajor,
+                    directions,
+                    None,
+                    State::Absent,
+                );
+                let got = output_bits(&run_forward_cached::<T>(&q, false, Some(&mut cache)));
+                assert_eq!(
+                    got,
+                    output_bits(&run_forward::<T>(&q, false)),
+                    "other layer {}",
+                    q.describe()
+                );
+                assert_eq!(cache.builds(), 3 * usize::from(packs), "builds for another layer");
+                // Batch one: the products read W_hh as it is, and the cache is left alone.
+                let one = Problem::new(
+                    rng,
+                    cell,
+                    dims(5, 1, 3, 9),
+                    Layout::BatchFirst,
+                    directions,
+                    None,
+                    State::Random,
+                );
+                let got = output_bits(&run_forward_cached::<T>(&one, false, Some(&mut cache)));
+                assert_eq!(
+                    got,
+                    output_bits(&run_forward::<T>(&one, false)),
+                    "batch one {}",
+                    one.describe()
+                );
+                assert_eq!(cache.builds(), 3 * usize::from(packs), "batch one makes nothing");
+            }
+        }
+    }
+}
+
+#[test]
+fn cached_forward_is_the_uncached_forward() {
+    let mut rng = Rng::new(5);
+    check_cache::<f64>(&mut rng);
+    check_cache::<f32>(&mut rng);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1183,7 +1276,10 @@ impl FwdArgs {
             cn: vec![0.0; p.c_len()],
         }
     }
-    fn run(mut self, train: bool) -> rnnkit::Result<Option<Tape<f64>>> {
+    fn run(self, train: bool) -> rnnkit::Result<Option<Tape<f64>>> {
+        self.run_cached(train, None)
+    }
+    fn run_cached(mut self, train: bool, cache: Option<&mut WeightCache<f64>>) -> rnnkit::Result<Option<Tape<f64>>> {
         forward(
             &self.layer,
             &self.x,
@@ -1195,6 +1291,7 @@ impl FwdArgs {
             &mut self.hn,
             &mut self.cn,
             train,
+            cache,
         )
     }
 }
@@ -1281,6 +1378,10 @@ fn forward_rejects_bad_arguments() {
             a.h0 = None;
             a.c0 = None;
             a.lengths = None;
+        });
+        let mut cache = WeightCache::default();
+        expect_err(&mut failures, &format!("{cell:?} forward: a cache with train"), || {
+            ok.clone().run_cached(true, Some(&mut cache))
         });
     }
     assert!(

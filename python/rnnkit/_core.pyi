@@ -18,6 +18,7 @@ __all__ = [
     "simd_level",
     "gates",
     "Tape",
+    "WeightCache",
     "__version__",
 ]
 
@@ -31,6 +32,20 @@ class Tape:
     def pending(self) -> bool: ...
     def check_weights(self, weights: _Params) -> None: ...
 
+@final
+class WeightCache:
+    """One recurrent layer's weights prepared for the kernels, kept between inference calls of
+    ``forward``; each call compares the weights with the copy held and prepares them again when
+    they changed. Copying or pickling gives an empty cache."""
+
+    def __init__(self) -> None: ...
+    @property
+    def builds(self) -> int: ...
+    @property
+    def nbytes(self) -> int: ...
+    def clear(self) -> None: ...
+    def __reduce__(self) -> tuple[type[WeightCache], tuple[()]]: ...
+
 def forward(
     cell: str,
     x: _Array,
@@ -40,6 +55,7 @@ def forward(
     lengths: npt.NDArray[np.int64] | None = None,
     batch_first: bool = True,
     train: bool = False,
+    cache: WeightCache | None = None,
 ) -> tuple[_Array, _Array, _Array | None, Tape | None]: ...
 def backward(
     tape: Tape,

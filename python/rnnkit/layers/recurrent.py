@@ -71,6 +71,10 @@ class _Recurrent(Module):
                     self.add_param(f"{kind}_l{layer}{sfx}", w.astype(self.dtype))
         self._zero_bias = np.zeros(gh, dtype=self.dtype)
         self._tapes: list[Any] | None = None
+        # Inference only: per stacked layer, the weights prepared for the kernels (the recurrent
+        # ones packed), kept between calls; the kernel compares the weights with its copy at every
+        # call, so a change in place is never missed. Dropped in training mode.
+        self._caches: list[Any] | None = None
         # The parameter arrays are never replaced (Module.params copies into them), so step's
         # per-layer weight tuples can be built once.
         self._step_weights = [self._weights(k)[0] for k in range(self.num_layers)]
@@ -127,7 +131,9 @@ class _Recurrent(Module):
 
     def _set_training(self, mode: bool) -> None:
         super()._set_training(mode)
-        if not mode:  # inference keeps nothing for backward
+        if mode:
+            self._caches = None
+        else:  # inference keeps nothing for backward
             self._tapes = None
 
     def initial_state(self, batch_size: int) -> State:
@@ -244,6 +250,9 @@ class _Recurrent(Module):
         masks: list[Array | None] = []
         hn: list[Array] = []
         cn: list[Array] = []
+        if not training and self._caches is None:
+            self._caches = [_core.WeightCache() for _ in range(self.num_layers)]
+        caches = self._caches
         inp = x
         for layer in range(self.num_layers):
             sl = slice(layer * nd, (layer + 1) * nd)
@@ -256,6 +265,7 @@ class _Recurrent(Module):
                 lens,
                 self.batch_first,
                 training,
+                None if training or caches is None else caches[layer],
             )
             tapes.append(tape)
             hn.append(h)
