@@ -230,6 +230,10 @@ class _Recurrent(Module):
         Returns:
             ``(y, state)``: y is (batch, seq, num_directions * hidden_size) (or time-major),
             state the final state shaped like the initial one.
+
+        In eval mode the layer keeps its weights packed for the kernels from one call to the
+        next (about twice the recurrent parameters' memory, freed by ``train()``); every call
+        checks them against the parameters, so changing those in place is safe.
         """
         x = float_array(x, "x", self.dtype)
         if x.ndim != 3:
