@@ -1,11 +1,46 @@
-"""Smoke test of the benchmark harness (rnnkit.bench): a --quick run of one cell writes its three
-files, and every side that ran agreed with PyTorch (peers that are not installed are skipped)."""
+"""The benchmark harness (rnnkit.bench): a --quick run of one cell writes its three files, and
+every side that ran agreed with PyTorch (peers that are not installed are skipped); the pause
+before each repeat lasts until no thread of the process is spinning."""
 
 from __future__ import annotations
 
 import json
 
-from rnnkit.bench import main
+import pytest
+from rnnkit.bench import SETTLE, SETTLE_MAX, SETTLE_SLICE, main, settle
+
+
+class FakeMachine:
+    """A clock and a process CPU time: one thread spins (a full core) until `busy_until`."""
+
+    def __init__(self, busy_until: float) -> None:
+        self.now = 0.0
+        self.busy_until = busy_until
+
+    def clock(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+    def cpu_time(self) -> float:
+        return min(self.now, self.busy_until)
+
+
+@pytest.mark.parametrize(
+    ("busy_until", "lo", "hi"),
+    [
+        (0.0, SETTLE, SETTLE + SETTLE_SLICE),  # quiet: the minimum pause
+        (0.062, 0.07, 0.08 + SETTLE_SLICE),  # ONNX Runtime's pool spinning ~60 ms: past it
+        (0.2, 0.2, 0.2 + 2 * SETTLE_SLICE),
+        (10.0, SETTLE_MAX, SETTLE_MAX + SETTLE_SLICE),  # never quiet: gives up
+    ],
+)
+def test_settle_waits_until_no_thread_spins(busy_until, lo, hi):
+    m = FakeMachine(busy_until)
+    waited = settle(cpu_time=m.cpu_time, clock=m.clock, sleep=m.sleep)
+    assert lo - 1e-9 <= waited <= hi
+    assert waited == pytest.approx(m.now)
 
 
 def test_quick_bench_writes_results(tmp_path):

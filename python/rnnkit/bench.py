@@ -187,8 +187,35 @@ def gc_paused() -> Iterator[None]:
             gc.enable()
 
 
-#: Idle seconds before each timed repeat (see `measure`).
+#: Idle seconds before each timed repeat, at least (see `settle`).
 SETTLE = 0.05
+#: The slices `settle` sleeps in, the fraction of one core under which a slice counts as quiet,
+#: and the longest it waits.
+SETTLE_SLICE = 0.01
+QUIET = 0.05
+SETTLE_MAX = 1.0
+
+
+def settle(
+    cpu_time: Callable[[], float] = time.process_time,
+    clock: Callable[[], float] = time.perf_counter,
+    sleep: Callable[[float], None] = time.sleep,
+) -> float:
+    """Sleep for at least `SETTLE` seconds and until the process is quiet: until a slice of
+    `SETTLE_SLICE` passes in which all its threads together used under `QUIET` of a core (at most
+    `SETTLE_MAX`). The peers' thread pools spin after their calls: ONNX Runtime's for about 60 ms,
+    OpenMP's (PyTorch's) for about 10 ms, measured here as the process's CPU time during a sleep;
+    a fixed 50 ms pause had left ONNX Runtime's pool spinning on one of the two cores through
+    the next side's first call (rnnkit's LSTM at B=8: 17 ms after ONNX Runtime's calls, 10 ms
+    without them). Returns the seconds waited."""
+    start = clock()
+    while True:
+        c0, t0 = cpu_time(), clock()
+        sleep(SETTLE_SLICE)
+        quiet = cpu_time() - c0 < QUIET * (clock() - t0)
+        waited = clock() - start
+        if (quiet and waited >= SETTLE) or waited >= SETTLE_MAX:
+            return waited
 
 
 def measure(runners: dict[str, Runner], timing: Timing) -> dict[str, Stats]:
@@ -196,16 +223,14 @@ def measure(runners: dict[str, Runner], timing: Timing) -> dict[str, Stats]:
 
     Each side is warmed up and given enough calls per repeat to take `min_repeat_time`; the
     repeat count fits the slowest side's repeats into `budget`, within [min_repeats, max_repeats].
-    Before each repeat the machine is left idle for `SETTLE` seconds: the thread pools of every
-    side (ONNX Runtime's, OpenMP's, rayon's) spin for a while after their work before they sleep,
-    and on two cores a pool still spinning from the previous side would slow the next one. Then
-    the side makes untimed calls for `warm_time` (at least one), so that every repeat is timed
-    warm: after the pause the first calls run slower, by up to 1.7x (rnnkit's LSTM at B=8 after
-    ONNX Runtime's: 16 ms for the first call, 10 ms for the second, 7.8 ms from the third on),
-    and at batch 1 on two threads a side can need 10-20 ms of calls to get back to its speed
-    (rnnkit's GRU: 3.3 ms, 1.03 ms, 0.75 ms, then 0.56, 0.51 and 0.45 ms at the 5th, 9th and 17th
-    call; ONNX Runtime's, 1.39, 0.88 and 0.80 ms, level from the 5th call). The first call after
-    the pause is timed apart, as `Stats.after_idle`.
+    Before each repeat the process is left idle (`settle`): the thread pools of every side (ONNX
+    Runtime's, OpenMP's, rayon's) spin for a while after their work before they sleep, and on two
+    cores a pool still spinning from the previous side would slow the next one. Then the side
+    makes untimed calls for `warm_time` (at least one), so that every repeat is timed warm: at
+    batch 1 on two threads a side can need 10-20 ms of calls after a pause to get back to its
+    speed (rnnkit's GRU: 3.3 ms, 1.03 ms, 0.75 ms, then 0.56, 0.51 and 0.45 ms at the 5th, 9th and
+    17th call; ONNX Runtime's, 1.39, 0.88 and 0.80 ms, level from the 5th call). The first call
+    after the pause is timed apart, as `Stats.after_idle`.
     """
 
     def repeat(fn: Runner, number: int) -> float:
@@ -231,7 +256,7 @@ def measure(runners: dict[str, Runner], timing: Timing) -> dict[str, Stats]:
         firsts: dict[str, list[float]] = {side: [] for side in runners}
         for i in range(timing.warmup + repeats):
             for side, fn in runners.items():
-                time.sleep(SETTLE)
+                settle()
                 first = warm(fn)
                 t = repeat(fn, number[side]) / number[side]
                 if i >= timing.warmup:
@@ -830,7 +855,10 @@ def markdown(result: dict[str, Any], rows: Sequence[Row], peaks: dict[int, dict[
         if r.case.section == "grid"
     ]
     if idle:
-        title = f"First call after {SETTLE * 1e3:.0f} ms idle (median of the repeats; not in the timings):"
+        title = (
+            f"First call after at least {SETTLE * 1e3:.0f} ms idle, no thread of any side spinning "
+            "(median of the repeats; not in the timings):"
+        )
         lines += ["", title, ""]
         lines += md_table(["config", "rnnkit", "torch", "ORT"], idle)
     return "\n".join(lines) + "\n"
