@@ -600,7 +600,18 @@ fn output_bits<T: Float>(o: &FwdOut<T>) -> Vec<u64> {
 /// made once, made again when a weight changes in place (and then gives the new weights' result)
 /// or the layer changes, and is not used where nothing would be packed (a batch of one or two).
 fn check_cache<T: Float>(rng: &mut Rng) {
-    let packs = rnnkit::gemm::PackedB::<T>::packs(4, true);
+    let packs = usize::from(rnnkit::gemm::PackedB::<T>::packs(4, true));
+    // A cached forward of `p`, checked against an uncached one; its bits.
+    let cached = |p: &Problem, cache: &mut WeightCache<T>, what: &str| {
+        let got = output_bits(&run_forward_cached::<T>(p, false, Some(cache)));
+        assert_eq!(
+            got,
+            output_bits(&run_forward::<T>(p, false)),
+            "{what}: {}",
+            p.describe()
+        );
+        got
+    };
     for cell in CELLS {
         for directions in [1, 2] {
             for lengths in [None, Some(vec![3, 5, 1, 4])] {
@@ -614,19 +625,14 @@ fn check_cache<T: Float>(rng: &mut Rng) {
                     State::Random,
                 );
                 let mut cache = WeightCache::<T>::default();
-                let want = output_bits(&run_forward::<T>(&p, false));
-                for call in 1..=3 {
-                    let got = output_bits(&run_forward_cached::<T>(&p, false, Some(&mut cache)));
-                    assert_eq!(got, want, "cached call {call} of {}", p.describe());
+                let first = cached(&p, &mut cache, "first call");
+                for call in 2..=3 {
+                    assert_eq!(cached(&p, &mut cache, "again"), first, "call {call}");
                 }
-                assert_eq!(cache.builds(), usize::from(packs), "builds of {}", p.describe());
+                assert_eq!(cache.builds(), packs, "builds of {}", p.describe());
                 p.params[directions - 1][1].iter_mut().for_each(|v| *v *= 0.5); // in place
-                let want_new = output_bits(&run_forward::<T>(&p, false));
-                assert_ne!(want_new, want, "the change shows in the output");
-                let got = output_bits(&run_forward_cached::<T>(&p, false, Some(&mut cache)));
-                assert_eq!(got, want_new, "cached after a change of {}", p.describe());
-                assert_eq!(cache.builds(), 2 * usize::from(packs), "builds after the change");
-                // Another layer (hidden size) through the same cache.
+                assert_ne!(cached(&p, &mut cache, "after a change"), first, "the change shows");
+                assert_eq!(cache.builds(), 2 * packs, "builds after the change");
                 let q = Problem::new(
                     rng,
                     cell,
@@ -636,14 +642,8 @@ fn check_cache<T: Float>(rng: &mut Rng) {
                     None,
                     State::Absent,
                 );
-                let got = output_bits(&run_forward_cached::<T>(&q, false, Some(&mut cache)));
-                assert_eq!(
-                    got,
-                    output_bits(&run_forward::<T>(&q, false)),
-                    "other layer {}",
-                    q.describe()
-                );
-                assert_eq!(cache.builds(), 3 * usize::from(packs), "builds for another layer");
+                cached(&q, &mut cache, "another layer through the same cache");
+                assert_eq!(cache.builds(), 3 * packs, "builds for another layer");
                 // Batch one: the products read W_hh as it is, and the cache is left alone.
                 let one = Problem::new(
                     rng,
@@ -654,14 +654,8 @@ fn check_cache<T: Float>(rng: &mut Rng) {
                     None,
                     State::Random,
                 );
-                let got = output_bits(&run_forward_cached::<T>(&one, false, Some(&mut cache)));
-                assert_eq!(
-                    got,
-                    output_bits(&run_forward::<T>(&one, false)),
-                    "batch one {}",
-                    one.describe()
-                );
-                assert_eq!(cache.builds(), 3 * usize::from(packs), "batch one makes nothing");
+                cached(&one, &mut cache, "batch one");
+                assert_eq!(cache.builds(), 3 * packs, "batch one makes nothing");
             }
         }
     }

@@ -254,9 +254,11 @@ class _Recurrent(Module):
         masks: list[Array | None] = []
         hn: list[Array] = []
         cn: list[Array] = []
-        if not training and self._caches is None:
-            self._caches = [_core.WeightCache() for _ in range(self.num_layers)]
-        caches = self._caches
+        caches = None
+        if not training:
+            if self._caches is None:
+                self._caches = [_core.WeightCache() for _ in range(self.num_layers)]
+            caches = self._caches
         inp = x
         for layer in range(self.num_layers):
             sl = slice(layer * nd, (layer + 1) * nd)
@@ -269,7 +271,7 @@ class _Recurrent(Module):
                 lens,
                 self.batch_first,
                 training,
-                None if training or caches is None else caches[layer],
+                None if caches is None else caches[layer],
             )
             tapes.append(tape)
             hn.append(h)
