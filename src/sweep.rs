@@ -717,6 +717,7 @@ impl<T: Float> Prepared<T> {
 /// bit (a `memcmp`, much cheaper than packing), and prepares them again when they differ, so
 /// that a change of the weights in place is never missed. Packing per call had cost 6% of an
 /// LSTM's inference at batch 8 on two threads, 13% on one.
+#[derive(Default)]
 pub struct WeightCache<T> {
     /// The layer (cell, input and hidden sizes) the entries were made for.
     key: Option<(CellKind, usize, usize)>,
@@ -726,17 +727,6 @@ pub struct WeightCache<T> {
     /// never changed while they live.
     prepared: Vec<Prepared<T>>,
     builds: usize,
-}
-
-impl<T: Float> Default for WeightCache<T> {
-    fn default() -> Self {
-        WeightCache {
-            key: None,
-            raw: Vec::new(),
-            prepared: Vec::new(),
-            builds: 0,
-        }
-    }
 }
 
 impl<T: Float> WeightCache<T> {
