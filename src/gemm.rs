@@ -568,10 +568,20 @@ macro_rules! dot_kernel {
                     if R == $lanes {
                         $store(sums.as_mut_ptr(), $sums(&acc));
                     } else {
+                        // The lanes summed in the order of the tree of horizontal adds above
+                        // (adjacent pairs, then pairs of those, ...), so that an output's value
+                        // does not depend on whether it was computed in a full vector of rows.
                         for (s, a) in sums.iter_mut().zip(&acc) {
                             let mut lanes = [0.0 as $t; $lanes];
                             $store(lanes.as_mut_ptr(), *a);
-                            *s = lanes.iter().fold(0.0 as $t, |s, &v| s + v);
+                            let mut n = $lanes;
+                            while n > 1 {
+                                n /= 2;
+                                for l in 0..n {
+                                    lanes[l] = lanes[2 * l] + lanes[2 * l + 1];
+                                }
+                            }
+                            *s = lanes[0];
                         }
                     }
                     for (r, mut sum) in sums.into_iter().enumerate() {

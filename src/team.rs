@@ -50,20 +50,26 @@ pub fn run<S>(
     init: impl Fn() -> S + Sync,
     work: impl Fn(&mut S, usize, usize) + Sync,
 ) {
-    let members = members.clamp(1, blocks.max(1));
-    let team = Team {
-        blocks,
-        members,
-        claims: (0..blocks).map(|_| Counter::new()).collect(),
-        done: Counter::new(),
-        failed: AtomicBool::new(false),
-    };
+    let team = Team::new(blocks, members);
     let member = |p: usize| team.member(p, steps, &mut init(), &work);
-    if members == 1 {
+    if team.members == 1 {
         member(0);
     } else {
-        (0..members).into_par_iter().for_each(member);
+        (0..team.members).into_par_iter().for_each(member);
     }
+}
+
+/// [`run`] from a thread outside the kernel pool, on up to all of its threads: the calling thread
+/// is member 0 and starts at once, with no hand-off to the pool and back to wait for (see
+/// [`crate::threads::with_caller`]); for work short enough that those would count.
+pub fn run_from_caller<S>(
+    blocks: usize,
+    steps: usize,
+    init: impl Fn() -> S + Sync,
+    work: impl Fn(&mut S, usize, usize) + Sync,
+) -> Result<(), crate::error::Error> {
+    let team = Team::new(blocks, crate::threads::get_num_threads());
+    crate::threads::with_caller(team.members, &|p| team.member(p, steps, &mut init(), &work))
 }
 
 /// Marks the team failed if dropped during a panic.
@@ -78,6 +84,16 @@ impl Drop for Guard<'_> {
 }
 
 impl Team {
+    fn new(blocks: usize, members: usize) -> Team {
+        Team {
+            blocks,
+            members: members.clamp(1, blocks.max(1)),
+            claims: (0..blocks).map(|_| Counter::new()).collect(),
+            done: Counter::new(),
+            failed: AtomicBool::new(false),
+        }
+    }
+
     fn member<S>(&self, p: usize, steps: usize, scratch: &mut S, work: &impl Fn(&mut S, usize, usize)) {
         let mut take = |j: usize, s: usize| {
             let free = self.claims[j]

@@ -88,6 +88,12 @@ pub fn run<R: Send>(f: impl FnOnce(usize) -> R + Send) -> Result<R, Error> {
     }
     let call = CALLS.fetch_add(1, Ordering::Relaxed) + 1;
     let out = on_pool(&pool, || f(threads));
+    linger(&pool, call);
+    Ok(out)
+}
+
+/// Keep the pool's threads awake for up to [`LINGER`] after call number `call` (see [`run`]).
+fn linger(pool: &rayon::ThreadPool, call: usize) {
     pool.spawn_broadcast(move |_| {
         let end = Instant::now() + LINGER;
         // Yielding, not spinning: the caller's thread, back in Python between two calls, gets the
@@ -96,7 +102,72 @@ pub fn run<R: Send>(f: impl FnOnce(usize) -> R + Send) -> Result<R, Error> {
             std::thread::yield_now();
         }
     });
-    Ok(out)
+}
+
+/// A helper job of [`with_caller`]: not started, running, or done (or cancelled).
+const PENDING: u8 = 0;
+const RUNNING: u8 = 1;
+const DONE: u8 = 2;
+
+#[derive(Default)]
+struct Helper {
+    state: std::sync::atomic::AtomicU8,
+    panic: Mutex<Option<Box<dyn std::any::Any + Send>>>,
+}
+
+/// Run `work(0)` on the calling thread and `work(1)` ... `work(members - 1)` on the kernel pool's
+/// threads (as many as it has), for work that uses no rayon inside. No hand-off to the pool and
+/// back is waited for: the caller starts at once, and a helper that has not started by the time
+/// the caller's part returns is cancelled, so `work` must get everything done whichever of the
+/// members 1.. run (as [`crate::team`]'s members do, each taking what the others have not).
+pub fn with_caller(members: usize, work: &(dyn Fn(usize) + Sync)) -> Result<(), Error> {
+    let (threads, pool) = current()?;
+    let _mode = crate::simd::DenormalsFlushed::new(); // as on the pool's threads
+    let helpers: Vec<Arc<Helper>> = (1..members.min(threads)).map(|_| Arc::default()).collect();
+    if helpers.is_empty() {
+        work(0);
+        return Ok(());
+    }
+    let call = CALLS.fetch_add(1, Ordering::Relaxed) + 1;
+    // SAFETY: a helper calls `work` only after moving its state from PENDING to RUNNING, and the
+    // caller does not return before every helper's state is DONE: it moves PENDING ones to DONE
+    // itself (then their jobs never call `work`) and waits for RUNNING ones to set DONE after
+    // their last use of `work`. So `work` outlives every use, as a scoped spawn would ensure.
+    let shared: &'static (dyn Fn(usize) + Sync) = unsafe { std::mem::transmute(work) };
+    for (i, helper) in helpers.iter().enumerate() {
+        let (helper, caller) = (helper.clone(), std::thread::current());
+        pool.spawn(move || {
+            if helper
+                .state
+                .compare_exchange(PENDING, RUNNING, Ordering::Acquire, Ordering::Relaxed)
+                .is_ok()
+            {
+                if let Err(panic) = catch_unwind(AssertUnwindSafe(|| shared(i + 1))) {
+                    *helper.panic.lock().unwrap_or_else(|e| e.into_inner()) = Some(panic);
+                }
+                helper.state.store(DONE, Ordering::Release);
+                caller.unpark();
+            }
+        });
+    }
+    let mine = catch_unwind(AssertUnwindSafe(|| work(0)));
+    for helper in &helpers {
+        let cancelled = helper
+            .state
+            .compare_exchange(PENDING, DONE, Ordering::Acquire, Ordering::Relaxed)
+            .is_ok();
+        if !cancelled {
+            wait_until(|| helper.state.load(Ordering::Acquire) == DONE);
+        }
+    }
+    linger(&pool, call);
+    let theirs = helpers
+        .iter()
+        .find_map(|h| h.panic.lock().unwrap_or_else(|e| e.into_inner()).take());
+    match (mine, theirs) {
+        (Err(panic), _) | (Ok(()), Some(panic)) => resume_unwind(panic),
+        (Ok(()), None) => Ok(()),
+    }
 }
 
 /// How long the caller spins, then yields, waiting for [`on_pool`]'s job before it sleeps.
@@ -135,22 +206,28 @@ fn on_pool<R: Send>(pool: &rayon::ThreadPool, f: impl FnOnce() -> R + Send) -> R
     // use of them; so the borrows outlive every use, as a scoped spawn would ensure.
     let job: Box<dyn FnOnce() + Send + 'static> = unsafe { std::mem::transmute(job) };
     pool.spawn(job);
+    wait_until(|| done.load(Ordering::Acquire));
+    match out.into_inner().unwrap_or_else(|e| e.into_inner()) {
+        Some(Ok(r)) => r,
+        Some(Err(panic)) => resume_unwind(panic),
+        None => unreachable!("the job stores its result before it sets `done`"),
+    }
+}
+
+/// Wait for `done()` on the calling thread: spinning for [`SPIN`], yielding until [`YIELD`], then
+/// asleep, woken by an `unpark` of this thread from whatever makes `done()` true.
+fn wait_until(done: impl Fn() -> bool) {
     let start = Instant::now();
-    while !done.load(Ordering::Acquire) {
+    while !done() {
         let waited = start.elapsed();
         if waited < SPIN {
             std::hint::spin_loop();
         } else if waited < YIELD {
             std::thread::yield_now();
         } else {
-            // Woken by the job's `unpark` (or spuriously: the loop checks again).
+            // Woken by the `unpark` (or spuriously: the loop checks again).
             std::thread::park();
         }
-    }
-    match out.into_inner().unwrap_or_else(|e| e.into_inner()) {
-        Some(Ok(r)) => r,
-        Some(Err(panic)) => resume_unwind(panic),
-        None => unreachable!("the job stores its result before it sets `done`"),
     }
 }
 
@@ -180,5 +257,56 @@ mod tests {
         assert_eq!(on_pool(&pool, || 7), 7);
         let nested = on_pool(&pool, || on_pool(&pool, rayon::current_thread_index));
         assert!(nested.is_some());
+    }
+
+    /// Member 0 runs on the calling thread; a helper either runs before `with_caller` returns or
+    /// never; a panic of either member reaches the caller.
+    #[test]
+    fn with_caller_runs_member_0_here_and_helpers_before_it_returns() {
+        set_num_threads(2).unwrap();
+        let caller = std::thread::current().id();
+        for wait_for_helper in [false, true] {
+            let runs = [AtomicUsize::new(0), AtomicUsize::new(0)];
+            with_caller(2, &|p| {
+                if p == 0 {
+                    assert_eq!(std::thread::current().id(), caller);
+                    let end = Instant::now() + Duration::from_secs(5);
+                    while wait_for_helper && runs[1].load(Ordering::SeqCst) == 0 && Instant::now() < end {
+                        std::thread::yield_now();
+                    }
+                } else {
+                    assert_ne!(std::thread::current().id(), caller);
+                }
+                runs[p].fetch_add(1, Ordering::SeqCst);
+            })
+            .unwrap();
+            let seen = runs.each_ref().map(|r| r.load(Ordering::SeqCst));
+            std::thread::sleep(Duration::from_millis(20));
+            let later = runs.each_ref().map(|r| r.load(Ordering::SeqCst));
+            assert_eq!(seen, later, "a helper ran after with_caller returned");
+            assert_eq!(seen[0], 1);
+            assert!(seen[1] <= 1);
+            if wait_for_helper {
+                assert_eq!(seen[1], 1);
+            }
+        }
+        for failing in [0, 1] {
+            let helper_ran = AtomicBool::new(false);
+            let panic = catch_unwind(AssertUnwindSafe(|| {
+                with_caller(2, &|p| {
+                    if p == 1 {
+                        helper_ran.store(true, Ordering::SeqCst);
+                    } else {
+                        while !helper_ran.load(Ordering::SeqCst) {
+                            std::thread::yield_now();
+                        }
+                    }
+                    assert!(p != failing, "member {p} failed");
+                })
+            }))
+            .unwrap_err();
+            let message = panic.downcast_ref::<String>().cloned().unwrap_or_default();
+            assert_eq!(message, format!("member {failing} failed"));
+        }
     }
 }

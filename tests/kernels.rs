@@ -900,7 +900,9 @@ fn backward_f32_close_to_f64() {
 // 4. sweep::step
 // ---------------------------------------------------------------------------------------------
 
-/// `step` for one or more layers; returns (h_out, c_out).
+/// `step` for one or more layers, three times in a row (the later calls, in a burst, may share
+/// the step between the threads; see `sweep::step`), checking that they agree to the bit;
+/// returns (h_out, c_out).
 fn run_step<T: Float>(
     cell: CellKind,
     x: &[f64],
@@ -916,21 +918,34 @@ fn run_step<T: Float>(
     let c = c.map(cast::<T>);
     let n = layers.len() * batch * hidden;
     let nan = T::from_f64(f64::NAN);
-    let mut h_out = vec![nan; n];
-    let mut c_out = vec![nan; if cell.has_c() { n } else { 0 }];
-    step(
-        cell,
-        &x,
-        batch,
-        hidden,
-        &weights_of(&params),
-        h.as_deref(),
-        c.as_deref(),
-        &mut h_out,
-        &mut c_out,
-    )
-    .unwrap_or_else(|e| panic!("step failed ({cell:?}, batch {batch}): {e}"));
-    (widen(&h_out), widen(&c_out))
+    let weights = weights_of(&params);
+    let outs: Vec<_> = (0..3)
+        .map(|_| {
+            let mut h_out = vec![nan; n];
+            let mut c_out = vec![nan; if cell.has_c() { n } else { 0 }];
+            step(
+                cell,
+                &x,
+                batch,
+                hidden,
+                &weights,
+                h.as_deref(),
+                c.as_deref(),
+                &mut h_out,
+                &mut c_out,
+            )
+            .unwrap_or_else(|e| panic!("step failed ({cell:?}, batch {batch}): {e}"));
+            (widen(&h_out), widen(&c_out))
+        })
+        .collect();
+    let same = |a: &[f64], b: &[f64]| a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+    for o in &outs[1..] {
+        assert!(
+            same(&o.0, &outs[0].0) && same(&o.1, &outs[0].1),
+            "{cell:?} batch {batch}: repeated steps differ"
+        );
+    }
+    outs.into_iter().next().expect("three steps")
 }
 
 #[test]
@@ -1009,76 +1024,120 @@ fn steps_equal_sequence_forward() {
 #[test]
 fn steps_of_a_two_layer_stack_equal_two_forwards() {
     let mut rng = Rng::new(10);
-    let (t, b, i, h) = (4, 3, 2, 3);
     for cell in CELLS {
-        // Layer 0 reads x (I wide), layer 1 reads layer 0's h (H wide).
-        let p0 = Problem::new(
-            &mut rng,
-            cell,
-            dims(t, b, i, h),
-            Layout::TimeMajor,
-            1,
-            None,
-            State::Random,
-        );
-        let (y0, hn0, cn0) = reference(&p0);
-        let mut p1 = Problem::new(
-            &mut rng,
-            cell,
-            dims(t, b, h, h),
-            Layout::TimeMajor,
-            1,
-            None,
-            State::Random,
-        );
-        p1.x = y0.clone();
-        let (y1, hn1, cn1) = reference(&p1);
-        let layers = vec![p0.params[0].clone(), p1.params[0].clone()];
-        let cat =
-            |a: &Option<Vec<f64>>, b: &Option<Vec<f64>>| a.as_ref().map(|a| [a.clone(), b.clone().unwrap()].concat());
-        let mut hs = cat(&p0.h0, &p1.h0);
-        let mut cs = cat(&p0.c0, &p1.c0);
-        let bh = b * h;
-        for s in 0..t {
-            let (h2, c2) = run_step::<f64>(
+        two_layer_steps::<f64>(&mut rng, cell, (4, 3, 2, 3), 1e-12);
+    }
+}
+
+/// Steps whose weights are large enough to be cut into unit blocks that the threads share
+/// (H=130: blocks of 72 and 58 units; 256 KB of weights or more) give the reference's states, and
+/// the same bits on one thread as on two.
+#[test]
+fn steps_in_unit_blocks_on_one_and_two_threads() {
+    let _guard = lock_threads();
+    for cell in CELLS {
+        for b in [1, 2] {
+            let run = |threads: usize| {
+                set_num_threads(threads).unwrap();
+                let dims = (3, b, 120, 130);
+                (
+                    two_layer_steps::<f64>(&mut Rng::new(13), cell, dims, 1e-12),
+                    two_layer_steps::<f32>(&mut Rng::new(13), cell, dims, 1e-4),
+                )
+            };
+            assert!(run(1) == run(2), "{cell:?} batch {b}: 1 and 2 threads differ");
+            // A first step, from no state.
+            let p = Problem::new(
+                &mut Rng::new(14),
                 cell,
-                &p0.x[s * b * i..(s + 1) * b * i],
-                b,
-                h,
-                &layers,
-                hs.as_deref(),
-                cs.as_deref(),
+                dims(1, b, 120, 130),
+                Layout::TimeMajor,
+                1,
+                None,
+                State::Absent,
             );
-            assert_close(
-                &format!("{cell:?} step {s} layer 0"),
-                &h2[..bh],
-                &y0[s * bh..(s + 1) * bh],
-                1e-12,
-            );
-            assert_close(
-                &format!("{cell:?} step {s} layer 1"),
-                &h2[bh..],
-                &y1[s * bh..(s + 1) * bh],
-                1e-12,
-            );
-            hs = Some(h2);
-            cs = cell.has_c().then_some(c2);
-        }
-        assert_close(
-            &format!("{cell:?} final h"),
-            hs.as_deref().unwrap(),
-            &[hn0, hn1].concat(),
-            1e-12,
-        );
-        if cell.has_c() {
-            assert_close(
-                &format!("{cell:?} final c"),
-                cs.as_deref().unwrap(),
-                &[cn0, cn1].concat(),
-                1e-12,
-            );
+            let (_, hn, cn) = reference(&p);
+            for threads in [1, 2] {
+                set_num_threads(threads).unwrap();
+                let (h, c) = run_step::<f64>(cell, &p.x, b, 130, &p.params, None, None);
+                assert_close(
+                    &format!("{cell:?} batch {b} first step h, {threads} threads"),
+                    &h,
+                    &hn,
+                    1e-12,
+                );
+                assert_close(
+                    &format!("{cell:?} batch {b} first step c, {threads} threads"),
+                    &c,
+                    &cn,
+                    1e-12,
+                );
+            }
         }
     }
+}
+
+/// `step` over the `t` steps of a two-layer stack of size `(t, b, i, h)`, in `T`, against two
+/// reference forwards (layer 1's input is layer 0's output); returns the states after each step.
+fn two_layer_steps<T: Float>(
+    rng: &mut Rng,
+    cell: CellKind,
+    (t, b, i, h): (usize, usize, usize, usize),
+    tol: f64,
+) -> Vec<(Vec<f64>, Vec<f64>)> {
+    let mut states = vec![];
+    // Layer 0 reads x (I wide), layer 1 reads layer 0's h (H wide).
+    let p0 = Problem::new(rng, cell, dims(t, b, i, h), Layout::TimeMajor, 1, None, State::Random);
+    let (y0, hn0, cn0) = reference(&p0);
+    let mut p1 = Problem::new(rng, cell, dims(t, b, h, h), Layout::TimeMajor, 1, None, State::Random);
+    p1.x = y0.clone();
+    let (y1, hn1, cn1) = reference(&p1);
+    let layers = vec![p0.params[0].clone(), p1.params[0].clone()];
+    let cat = |a: &Option<Vec<f64>>, b: &Option<Vec<f64>>| a.as_ref().map(|a| [a.clone(), b.clone().unwrap()].concat());
+    let mut hs = cat(&p0.h0, &p1.h0);
+    let mut cs = cat(&p0.c0, &p1.c0);
+    let bh = b * h;
+    for s in 0..t {
+        let (h2, c2) = run_step::<T>(
+            cell,
+            &p0.x[s * b * i..(s + 1) * b * i],
+            b,
+            h,
+            &layers,
+            hs.as_deref(),
+            cs.as_deref(),
+        );
+        assert_close(
+            &format!("{cell:?} step {s} layer 0"),
+            &h2[..bh],
+            &y0[s * bh..(s + 1) * bh],
+            tol,
+        );
+        assert_close(
+            &format!("{cell:?} step {s} layer 1"),
+            &h2[bh..],
+            &y1[s * bh..(s + 1) * bh],
+            tol,
+        );
+        states.push((h2.clone(), c2.clone()));
+        hs = Some(h2);
+        cs = cell.has_c().then_some(c2);
+    }
+    assert_close(
+        &format!("{cell:?} final h"),
+        hs.as_deref().unwrap(),
+        &[hn0, hn1].concat(),
+        tol,
+    );
+    if cell.has_c() {
+        assert_close(
+            &format!("{cell:?} final c"),
+            cs.as_deref().unwrap(),
+            &[cn0, cn1].concat(),
+            tol,
+        );
+    }
+    states
 }
 
 #[test]
