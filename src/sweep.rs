@@ -1511,10 +1511,12 @@ pub fn step<T: Float>(
 
 /// From this many bytes of weights (all layers), streaming steps at batch 1 or 2 that come in a
 /// burst are cut into unit blocks that this thread and the kernel threads share, each thread
-/// reading its part of the weights from its own cache (LSTM H=256 on 2 threads: 25.9 against
-/// 37.5 µs a step, GRU 18.9 against 27.6). Smaller steps run whole on the calling thread: at
-/// H=64 a step takes a few microseconds, about what sharing it costs. The products' rounding
-/// does not depend on the cut (see `gemm.rs`), so neither do the results.
+/// reading its part of the weights from its own cache (from Python, LSTM H=256: 24 µs a step on
+/// 2 threads against 36 on 1, GRU 18 against 26). Smaller steps run whole on the calling thread:
+/// at H=64 a step takes a few microseconds, about what sharing it costs. At batch 1-2 the
+/// products are the dot-product kernel's, whose rounding of an output does not depend on how the
+/// outputs are cut (see `gemm.rs`), so a step gives the same bits cut or whole, on any number of
+/// threads.
 const STEP_SHARED_BYTES: usize = 256 << 10;
 /// A step starting this soon after the previous one ended is in a burst, when the kernel
 /// threads are still awake from the previous step. Steps further apart, as in a real-time
@@ -1557,8 +1559,8 @@ impl<T: Float> StepArgs<'_, '_, T> {
         }
     }
 
-    /// Every layer in [`unit_blocks`], which this thread and the kernel threads share. The cut
-    /// depends on the sizes only, not on the thread count, so neither do the results.
+    /// Every layer in [`unit_blocks`], which this thread and the kernel threads share (the same
+    /// bits as [`Self::whole`]: see [`STEP_SHARED_BYTES`]).
     fn in_blocks<C: Cell>(&self, cell: C) -> Result<()> {
         let units = unit_blocks(self.hidden);
         team::run_from_caller(

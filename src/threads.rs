@@ -119,7 +119,7 @@ struct Helper {
 /// threads (as many as it has), for work that uses no rayon inside. No hand-off to the pool and
 /// back is waited for: the caller starts at once, and a helper that has not started by the time
 /// the caller's part returns is cancelled, so `work` must get everything done whichever of the
-/// members 1.. run (as [`crate::team`]'s members do, each taking what the others have not).
+/// members 1.. run (as the members of a team in `team.rs` do, each taking what the others have not).
 pub fn with_caller(members: usize, work: &(dyn Fn(usize) + Sync)) -> Result<(), Error> {
     let (threads, pool) = current()?;
     let _mode = crate::simd::DenormalsFlushed::new(); // as on the pool's threads
