@@ -88,6 +88,32 @@ def test_one_thread_equals_two_threads(cell, batch, hidden, dtype, num_threads):
                 np.testing.assert_array_equal(a, b, err_msg=msg)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("batch", [1, 2, 3])
+@pytest.mark.parametrize("cell", CELLS)
+def test_streaming_steps_same_on_one_and_two_threads(cell, batch, dtype, num_threads):
+    """Steps of a two-layer stack with 256 KB of weights or more, called back to back, are shared
+    by the calling thread and the kernel threads at batch 1-2 (not at 3): the same bits as on one
+    thread, where they run whole, and forward's outputs. H=130 cuts the steps into unit blocks of
+    72 and 58, whose edges do not fall on the gates' edges in a whole step's products."""
+    rng = np.random.default_rng(batch)
+    layer = make_layer(cell, 120, 130, 2, dtype=dtype, seed=3).eval()
+    x = rng.standard_normal((batch, 6, 120)).astype(dtype)
+    y, _ = layer(x)
+    outs = {}
+    for threads in (1, 2):
+        num_threads(threads)
+        state = layer.initial_state(batch)
+        steps = []
+        for t in range(x.shape[1]):
+            yt, state = layer.step(x[:, t], state)
+            steps.append(yt)
+        outs[threads] = np.stack(steps, axis=1)
+    np.testing.assert_array_equal(outs[1], outs[2])
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == np.float64 else dict(rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(outs[2], y, **tol)
+
+
 @pytest.mark.parametrize("cell", CELLS)
 def test_batch_composition_rounding_is_ulp_level(cell, num_threads):
     """With one thread, a sequence's outputs may change in the last bits when the number of other
