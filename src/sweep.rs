@@ -1493,18 +1493,16 @@ pub fn step<T: Float>(
     let start = since_start();
     let last = LAST_STEP.load(Ordering::Relaxed);
     let burst = last > 0 && start.saturating_sub(last) < STEP_BURST;
-    let shared = burst
-        && bytes >= STEP_SHARED_BYTES
-        && batch <= DOT_ROWS
-        && T::dot_kernel().is_some()
-        && crate::threads::get_num_threads() > 1;
-    let done = if shared {
-        crate::with_cell!(cell, cell: C => st.in_blocks::<C>(cell))
-    } else {
-        let _mode = crate::simd::DenormalsFlushed::new(); // as on the kernel threads
-        crate::with_cell!(cell, cell: C => st.whole::<C>(cell));
-        Ok(())
-    };
+    // At batch 1-2 the products are the dot kernel's, whose rounding of an output does not depend
+    // on how the outputs are cut: a step is cut only to be shared. Otherwise the cut depends on
+    // the sizes alone, never on the thread count or the timing, and so do the results.
+    let dot = batch <= DOT_ROWS && T::dot_kernel().is_some();
+    let min_bytes = if dot { STEP_SHARED_BYTES } else { STEP_CUT_BYTES };
+    let share = burst && bytes >= min_bytes && crate::threads::get_num_threads() > 1;
+    let cut = if dot { share } else { bytes >= min_bytes };
+    let (whole, blocks) = ([(0, hidden)], if cut { unit_blocks(hidden) } else { Vec::new() });
+    let units = if cut { &blocks[..] } else { &whole[..] };
+    let done = crate::with_cell!(cell, cell: C => st.run::<C>(cell, units, share));
     LAST_STEP.store(since_start().max(1), Ordering::Relaxed);
     done
 }
@@ -1513,14 +1511,16 @@ pub fn step<T: Float>(
 /// burst are cut into unit blocks that this thread and the kernel threads share, each thread
 /// reading its part of the weights from its own cache (from Python, LSTM H=256: 24 µs a step on
 /// 2 threads against 36 on 1, GRU 18 against 26). Smaller steps run whole on the calling thread:
-/// at H=64 a step takes a few microseconds, about what sharing it costs. At batch 1-2 the
-/// products are the dot-product kernel's, whose rounding of an output does not depend on how the
-/// outputs are cut (see `gemm.rs`), so a step gives the same bits cut or whole, on any number of
-/// threads.
+/// at H=64 a step takes a few microseconds, about what sharing it costs.
 const STEP_SHARED_BYTES: usize = 256 << 10;
+/// From this many bytes of weights, steps at batch 3 or more are always cut into unit blocks,
+/// shared by the threads when they come in a burst. At H=256 (1.5-2 MB of weights) and batch
+/// 4-64 the cut cost nothing on one thread (0.97-1.03×) and gained 1.50-1.86× on two; at H=128
+/// (384-512 KB) it cost 5-8% on one thread at batch 4-8.
+const STEP_CUT_BYTES: usize = 1 << 20;
 /// A step starting this soon after the previous one ended is in a burst, when the kernel
 /// threads are still awake from the previous step. Steps further apart, as in a real-time
-/// stream, run whole: after a 0.5 ms sleep between steps, waking the threads made an LSTM
+/// stream, are not shared: after a 0.5 ms sleep between steps, waking the threads made an LSTM
 /// step at H=256 take 71 µs against 59 whole; after 0.1-0.2 ms sleeps or up to 0.3 ms of
 /// other work, sharing still gained 6-25%.
 const STEP_BURST: u64 = 200_000;
@@ -1533,8 +1533,7 @@ fn since_start() -> u64 {
     START.get_or_init(Instant::now).elapsed().as_nanos() as u64
 }
 
-/// The batch up to which a step's products read the weights as they are (see `gemm.rs`): beyond
-/// it, they repack them, once per product, which a step cut into blocks would do once per block.
+/// The batch up to which a step's products are the dot-product kernel's (see `gemm.rs`).
 const DOT_ROWS: usize = 2;
 
 /// What one streaming [`step`] reads and writes.
@@ -1552,23 +1551,20 @@ struct StepArgs<'a, 'w, T> {
 }
 
 impl<T: Float> StepArgs<'_, '_, T> {
-    /// Every layer whole, one after the other, on this thread.
-    fn whole<C: Cell>(&self, cell: C) {
-        for k in 0..self.layers.len() {
-            self.block(cell, k, (0, self.hidden));
+    /// Every layer, cut into the blocks of hidden `units` (one block of all units, or
+    /// [`unit_blocks`]), on this thread, or shared with the kernel threads (`share`).
+    fn run<C: Cell>(&self, cell: C, units: &[(usize, usize)], share: bool) -> Result<()> {
+        let block = |_: &mut (), j: usize, k: usize| self.block(cell, k, units[j]);
+        if share {
+            return team::run_from_caller(units.len(), self.layers.len(), || (), block);
         }
-    }
-
-    /// Every layer in [`unit_blocks`], which this thread and the kernel threads share (the same
-    /// bits as [`Self::whole`]: see [`STEP_SHARED_BYTES`]).
-    fn in_blocks<C: Cell>(&self, cell: C) -> Result<()> {
-        let units = unit_blocks(self.hidden);
-        team::run_from_caller(
-            units.len(),
-            self.layers.len(),
-            || (),
-            |_, j, k| self.block(cell, k, units[j]),
-        )
+        let _mode = crate::simd::DenormalsFlushed::new(); // as on the kernel threads
+        for k in 0..self.layers.len() {
+            for j in 0..units.len() {
+                block(&mut (), j, k);
+            }
+        }
+        Ok(())
     }
 
     /// Units `[u0, u1)` of layer `k`.

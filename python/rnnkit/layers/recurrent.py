@@ -154,9 +154,10 @@ class _Recurrent(Module):
             ``(y, state)``: y is (batch, hidden_size), the last layer's output at this step, and
             the new state. The same as running :meth:`forward` over the steps one by one.
 
-        A step runs on the calling thread; at batch 1-2, for layers with 256 KB of weights or
-        more, steps that follow each other closely (under 0.2 ms apart) are shared with the kernel
-        threads (see :func:`rnnkit.set_num_threads`), with the same results.
+        A step runs on the calling thread. For layers with 256 KB of weights or more at batch
+        1-2, or 1 MB or more at larger batches, steps that follow each other closely (under 0.2 ms
+        apart) are shared with the kernel threads (see :func:`rnnkit.set_num_threads`); the
+        results are the same on any number of threads.
         """
         if self.bidirectional:
             raise ValueError("step runs forward in time only; a bidirectional layer needs the whole sequence")
