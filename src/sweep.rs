@@ -1589,7 +1589,8 @@ struct StepBlock<'a, 'w, C, T> {
     st: &'a StepArgs<'a, 'w, T>,
     k: usize,
     units: (usize, usize),
-    /// The block's gates' two projections, its biases and a zero state.
+    /// The block's gates' two projections, its biases (when they are not one piece in the
+    /// weights) and a zero state (when a state is missing).
     scratch: &'a mut [T],
 }
 
@@ -1604,7 +1605,9 @@ impl<'a, C: Cell, T: Float> Kernel for StepBlock<'a, '_, C, T> {
         let (xw, rest) = self.scratch.split_at_mut(batch * gw);
         let (hw, rest) = rest.split_at_mut(batch * gw);
         let (bias, zeros) = rest.split_at_mut(2 * gw);
-        zeros.fill(T::ZERO);
+        if st.h.is_none() || (C::HAS_C && st.c.is_none()) {
+            zeros.fill(T::ZERO);
+        }
         // SAFETY: layer k-1 is done (a layer's blocks start after all of the previous layer's) and
         // no one writes it any more.
         let (inp, width) = match k {
@@ -1633,13 +1636,17 @@ impl<'a, C: Cell, T: Float> Kernel for StepBlock<'a, '_, C, T> {
                     1,
                 );
             }
-            bias[col..col + len].copy_from_slice(&w.b_ih[row..row + len]);
-            bias[gw + col..gw + col + len].copy_from_slice(&w.b_hh[row..row + len]);
+            if uw < hd {
+                bias[col..col + len].copy_from_slice(&w.b_ih[row..row + len]);
+                bias[gw + col..gw + col + len].copy_from_slice(&w.b_hh[row..row + len]);
+            }
         }
         if h_prev.is_none() {
             hw.fill(T::ZERO);
         }
-        let (b_ih, b_hh) = bias.split_at(gw);
+        // A block of every unit reads the biases where they are; a narrower one, its gates' parts
+        // gathered side by side.
+        let (b_ih, b_hh) = if uw == hd { (w.b_ih, w.b_hh) } else { bias.split_at(gw) };
         let zeros = &zeros[..uw];
         for (r, (xw, hw)) in xw.chunks_exact(gw).zip(hw.chunks_exact_mut(gw)).enumerate() {
             let at = k * bh + r * hd + u0;
