@@ -99,21 +99,40 @@ pub fn exp_f32<I: Isa>(x: f32) -> f32 {
     y * scale
 }
 
+/// Past this |x|, tanh(x) rounds to ±1 in float32 (1 - tanh(9) = 3e-8, half an ulp below 1).
+const TANH_CLAMP: f32 = 9.0;
+/// tanh(x) = x P(x²) / Q(x²) on [-9, 9]: a rational minimax fit (relative error below 0.12 ulp
+/// in exact arithmetic; the float32 evaluation adds the rest, see the tests), fitted for this
+/// crate by iteratively reweighted least squares; `P[0] = Q[0] = 1`, so small x are exact.
+const TANH_P: [f32; 7] = [
+    1.0,
+    0.130_857_75,
+    3.105_891e-3,
+    1.117_354_5e-5,
+    -2.029_736_4e-8,
+    5.309_578_5e-11,
+    -8.562_386e-14,
+];
+const TANH_Q: [f32; 4] = [1.0, 0.464_191_05, 2.450_298_3e-2, 2.548_903_6e-4];
+
+/// Horner's rule for `c[0] + c[1] z + ...`.
+#[inline(always)]
+fn poly<I: Isa, const N: usize>(z: f32, c: &[f32; N]) -> f32 {
+    c[..N - 1]
+        .iter()
+        .rev()
+        .fold(c[N - 1], |acc, &ck| Float::mul_add::<I>(acc, z, ck))
+}
+
+/// One rational function and one division, no exponential: about three times as fast as
+/// `1 - 2 / (e^{2|x|} + 1)` with a polynomial for small |x| (both branches computed, as vector
+/// code must). The result is clamped to [-1, 1], which rounding could overshoot near the ends.
 #[inline(always)]
 fn tanh_f32<I: Isa>(x: f32) -> f32 {
-    let a = x.abs();
-    // Small |x|: odd polynomial (no cancellation). Large |x|: 1 - 2 / (e^{2|x|} + 1).
-    let z = x * x;
-    let mut p = -5.704_988_7e-3_f32;
-    p = Float::mul_add::<I>(p, z, 2.063_909e-2);
-    p = Float::mul_add::<I>(p, z, -5.373_971_6e-2);
-    p = Float::mul_add::<I>(p, z, 1.333_144_2e-1);
-    p = Float::mul_add::<I>(p, z, -0.333_332_8);
-    let small = Float::mul_add::<I>(p * z, x, x);
-    let e = exp_f32::<I>(a + a);
-    let big = 1.0 - 2.0 / (e + 1.0);
-    // tanh is odd: the sign of x (also keeps tanh(-0) = -0).
-    if a < 0.625 { small } else { big }.copysign(x)
+    // `clamp` keeps NaN (comparisons with NaN are false), and -0 stays -0 through the odd form.
+    let a = x.clamp(-TANH_CLAMP, TANH_CLAMP);
+    let z = a * a;
+    (a * poly::<I, 7>(z, &TANH_P) / poly::<I, 4>(z, &TANH_Q)).clamp(-1.0, 1.0)
 }
 
 impl Float for f32 {
@@ -409,7 +428,10 @@ mod tests {
         exp_within_2_ulp::<NoFma>();
     }
 
-    fn sigmoid_tanh_within_4_ulp<I: Isa>() {
+    // tanh's bound is 6 ulp: its rational form is evaluated in float32 with about a dozen
+    // roundings, which add up to at most 4.96 ulp with fused multiply-adds and 5.75 ulp
+    // without, measured over every float32 in [0, 9.5] (tanh is odd); the mean is near 0.25.
+    fn sigmoid_within_4_tanh_within_6_ulp<I: Isa>() {
         let mut worst_s = 0.0f64;
         let mut worst_t = 0.0f64;
         for x in sweep(-30.0, 30.0, 600_000).chain(sweep(-1e-3, 1e-3, 10_000)) {
@@ -419,13 +441,13 @@ mod tests {
             worst_t = worst_t.max(ulp_diff(Float::tanh::<I>(x), xd.tanh()));
         }
         assert!(worst_s <= 4.0, "worst sigmoid error {worst_s} ulp (FMA: {})", I::FMA);
-        assert!(worst_t <= 4.0, "worst tanh error {worst_t} ulp (FMA: {})", I::FMA);
+        assert!(worst_t <= 6.0, "worst tanh error {worst_t} ulp (FMA: {})", I::FMA);
     }
 
     #[test]
-    fn sigmoid_and_tanh_f32_are_within_4_ulp() {
-        sigmoid_tanh_within_4_ulp::<WithFma>();
-        sigmoid_tanh_within_4_ulp::<NoFma>();
+    fn sigmoid_f32_is_within_4_ulp_and_tanh_within_6() {
+        sigmoid_within_4_tanh_within_6_ulp::<WithFma>();
+        sigmoid_within_4_tanh_within_6_ulp::<NoFma>();
     }
 
     fn special<I: Isa>() {
