@@ -18,7 +18,7 @@
 //! each step as a team (`team.rs`), cut into blocks of hidden units. The two directions of a
 //! bidirectional layer run side by side.
 
-use crate::buffers;
+use crate::buffers::{self, ToWrite};
 use crate::cells::{Bwd, Cell, CellKind, Fwd};
 use crate::error::{Error, Result};
 use crate::gemm::{add_column_sums, matmul, matmul_packed, Mat, MatMut, PackedB};
@@ -603,11 +603,13 @@ fn forward_impl<C: Cell, T: Float>(
             );
             xw_buf.set_len(nrows * gh);
         }
-        let mut tape = train.then(|| DirTape {
-            saved: buffers::zeros(rows * C::SAVED * h),
-            hprev: buffers::zeros(rows * h),
+        // Without padding, the sweep writes every row of what it keeps.
+        let every = plan.lens.iter().all(|&l| l == d.seq_len);
+        let mut kept = train.then(|| {
+            let buf = |n| ToWrite::new(n, every);
+            (buf(rows * C::SAVED * h), buf(rows * h))
         });
-        let keep = tape.as_mut().map(|t| (Ptr::new(&mut t.saved), Ptr::new(&mut t.hprev)));
+        let keep = kept.as_mut().map(|(s, p)| (Ptr(s.ptr()), Ptr(p.ptr())));
         let sw = Sweep {
             cell,
             layer,
@@ -635,7 +637,13 @@ fn forward_impl<C: Cell, T: Float>(
         };
         plan.for_each_slice(threads, |off, n, team| sw.forward_slice(off, n, team, xw, h0, c0, out));
         buffers::give(xw_buf);
-        tape
+        // SAFETY: without padding, the sweep wrote every element (see `FwdTile`).
+        kept.map(|(saved, hprev)| unsafe {
+            DirTape {
+                saved: saved.written(),
+                hprev: hprev.written(),
+            }
+        })
     });
     train.then(|| Tape {
         layer: *layer,
@@ -1111,12 +1119,10 @@ fn backward_impl<C: Cell, T: Float>(
     let jobs: Vec<_> = grads.iter_mut().zip(&tape.dirs).collect();
     let dgxs = map_items(jobs, threads, |dir, (g, kept)| {
         let w = &weights[dir];
-        let mut dgx = buffers::zeros(rows * gh);
-        let mut dgh_all = if C::SPLIT_DGH {
-            buffers::zeros(rows * gh)
-        } else {
-            Vec::new()
-        };
+        // Without padding, the sweep writes every row of the gate gradients.
+        let every = tape.plan.lens.iter().all(|&l| l == d.seq_len);
+        let mut dgx = ToWrite::new(rows * gh, every);
+        let mut dgh_all = ToWrite::new(if C::SPLIT_DGH { rows * gh } else { 0 }, every);
         let units = unit_blocks(h);
         let w_hh = map_items(units.clone(), threads, |_, (u0, u1)| {
             PackedB::new(vec![Mat::new(&w.w_hh[u0..], gh, u1 - u0, h)], tape.plan.max_rows())
@@ -1140,14 +1146,16 @@ fn backward_impl<C: Cell, T: Float>(
         };
         // Block `dir` of dh0 / dc0 belongs to this direction.
         let out = BwdOut {
-            dgx: Ptr::new(&mut dgx),
-            dgh_all: Ptr::new(&mut dgh_all),
+            dgx: Ptr(dgx.ptr()),
+            dgh_all: Ptr(dgh_all.ptr()),
             dh0: dh0p.at(dir * bh),
             dc0: dc0p.at(if C::HAS_C { dir * bh } else { 0 }),
             dh_seq: dh_seq.map(|p| p.at(dir * h)),
         };
         tape.plan
             .for_each_slice(threads, |off, n, team| sw.backward_slice(off, n, team, &inp, out));
+        // SAFETY: without padding, the sweep wrote every element (see `BwdTile`).
+        let (dgx, dgh_all) = unsafe { (dgx.written(), dgh_all.written()) };
         // Deferred weight gradients: one GEMM each over all the (valid) rows.
         let (dgx, dgh_all, hprev) = match &tape.valid {
             Some(idx) => {
