@@ -1,4 +1,4 @@
-"""Fit the float32 tanh of `src/simd.rs`: tanh(x) ~ x P(x^2) / Q(x^2) on [0, 9.1].
+"""Fit the float32 tanh of `src/simd.rs`: tanh(x) ~ x P(x^2) / Q(x^2) on [0, 9.5].
 
 P has degree 6 and Q degree 3 in z = x^2, with P[0] = Q[0] = 1 (so that small x come out
 exact). The fit minimises the largest relative error: a linearised least-squares problem
