@@ -432,7 +432,7 @@ mod tests {
     // tanh's bound is 6 ulp: its rational form is evaluated in float32 with about a dozen
     // roundings, which add up to at most 5.34 ulp with fused multiply-adds and 5.76 ulp
     // without, measured once over every float32 in [0, 10] (tanh is odd, and is exactly 1 past
-    // the clamp at 9.5); the mean is near 0.25 ulp.
+    // the clamp at 9.5).
     fn sigmoid_within_4_tanh_within_6_ulp<I: Isa>() {
         let mut worst_s = 0.0f64;
         let mut worst_t = 0.0f64;
