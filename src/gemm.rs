@@ -120,7 +120,7 @@ impl<T> MatMut<T> {
 const FAER_MAX_ROWS: usize = 32;
 /// Products of at most this many rows with a `b` whose columns are contiguous (`x W^T` with `W`
 /// row-major) go to the dot-product kernel: it reads `W` once per row, with no packing.
-const DOT_MAX_ROWS: usize = 2;
+pub(crate) const DOT_MAX_ROWS: usize = 2;
 
 /// Column width of the blocks a few-row product is cut into.
 const FAER_COL_BLOCK: usize = 128;

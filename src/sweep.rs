@@ -21,7 +21,7 @@
 use crate::buffers::{self, ToWrite};
 use crate::cells::{Bwd, Cell, CellKind, Fwd};
 use crate::error::{Error, Result};
-use crate::gemm::{add_column_sums, matmul, matmul_packed, Mat, MatMut, PackedB};
+use crate::gemm::{add_column_sums, matmul, matmul_packed, Mat, MatMut, PackedB, DOT_MAX_ROWS};
 use crate::simd::{dispatch, prefetch, Float, Isa, Kernel};
 use crate::team;
 use rayon::prelude::*;
@@ -1504,7 +1504,7 @@ pub fn step<T: Float>(
     // At batch 1-2 the products are the dot kernel's, whose rounding of an output does not depend
     // on how the outputs are cut: a step is cut only to be shared. Otherwise the cut depends on
     // the sizes alone, never on the thread count or the timing, and so do the results.
-    let dot = batch <= DOT_ROWS && T::dot_kernel().is_some();
+    let dot = batch <= DOT_MAX_ROWS && T::dot_kernel().is_some();
     let min_bytes = if dot { STEP_SHARED_BYTES } else { STEP_CUT_BYTES };
     let share = burst && bytes >= min_bytes && crate::threads::get_num_threads() > 1;
     let cut = if dot { share } else { bytes >= min_bytes };
@@ -1540,9 +1540,6 @@ fn since_start() -> u64 {
     static START: OnceLock<Instant> = OnceLock::new();
     START.get_or_init(Instant::now).elapsed().as_nanos() as u64
 }
-
-/// The batch up to which a step's products are the dot-product kernel's (see `gemm.rs`).
-const DOT_ROWS: usize = 2;
 
 /// What one streaming [`step`] reads and writes.
 struct StepArgs<'a, 'w, T> {
