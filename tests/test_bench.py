@@ -1,14 +1,16 @@
 """The benchmark harness (rnnkit.bench): a --quick run of one cell writes its three files, and
 every side that ran agreed with PyTorch (peers that are not installed are skipped); the pause
 before each repeat lasts until no thread of the process is spinning; the peak is the higher of
-the run's two measurements."""
+the run's two measurements; a thread-scaling row times each side at both thread counts, in turns,
+each turn at its own count."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
-from rnnkit.bench import SETTLE, SETTLE_MAX, SETTLE_SLICE, main, practical_peak, settle
+import rnnkit
+from rnnkit.bench import QUICK, SETTLE, SETTLE_MAX, SETTLE_SLICE, main, measure, practical_peak, settle
 
 
 class FakeMachine:
@@ -67,3 +69,35 @@ def test_practical_peak_is_the_higher_measurement(start, end):
     assert p["gflops_median"] == max(start, end)
     assert p["gflops_max"] == max(start, end) + 1  # the best of the same measurement
     assert (p["at_start"], p["at_end"]) == (start, end)
+
+
+def test_measure_runs_each_turn_after_its_setup(monkeypatch):
+    monkeypatch.setattr("rnnkit.bench.settle", lambda: 0.0)
+    log = []
+    runners = {side: (lambda side=side: log.append(("call", side)) or {}) for side in ("a", "b")}
+    stats = measure(runners, QUICK, before=lambda side: log.append(("before", side)))
+    assert set(stats) == {"a", "b"}
+    current = None
+    for what, side in log:
+        if what == "before":
+            current = side
+        else:
+            assert side == current, f"{side} ran after the setup of {current}: {log}"
+
+
+def test_thread_scaling_rows_time_both_counts_in_one_measurement(tmp_path):
+    threads_before = rnnkit.get_num_threads()
+    try:
+        assert main(["--quick", "--cells", "rnn", "--threads", "2", "--out", str(tmp_path)]) == 0
+    finally:
+        rnnkit.set_num_threads(threads_before)
+    rows = [
+        r for r in json.loads((tmp_path / "results.json").read_text())["rows"] if r["section"] == "threads"
+    ]
+    assert {r["mode"] for r in rows} == {"inference", "training"}
+    for r in rows:
+        assert (r["threads"], r["also"]) == (1, 2)
+        one, two = r["times"]["rnnkit"]["median"], r["times"]["rnnkit@2t"]["median"]
+        assert r["thread_speedup"]["rnnkit"] == pytest.approx(one / two)
+        assert all(err < 1e-3 for err in r["max_rel_error_vs_torch"].values()), r["label"]
+    assert "Speed-up of 2 threads over 1 (each side timed at both" in (tmp_path / "results.md").read_text()

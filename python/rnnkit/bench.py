@@ -119,6 +119,10 @@ class Case:
     input: int
     hidden: int
     threads: int
+    #: In the "threads" section: the thread count every side is also timed at, in turns with
+    #: `threads` in one measurement, so that the speed-up is not a ratio of two moments of a VM
+    #: whose speed changes within minutes (0: none).
+    also: int = 0
 
     @property
     def streaming(self) -> bool:
@@ -151,7 +155,9 @@ def build_cases(cells: Sequence[str], threads: int, seq: int) -> list[Case]:
     cases += [Case("lengths", c, m, big[0], seq, big[2], big[3], threads) for c in cells for m in MODES]
     cases += [Case("stream", c, "inference", 1, seq, h, h, threads) for h in STREAM_HIDDEN for c in cells]
     if threads > 1:
-        cases += [Case("threads", c, m, big[0], seq, big[2], big[3], 1) for c in cells for m in MODES]
+        cases += [
+            Case("threads", c, m, big[0], seq, big[2], big[3], 1, also=threads) for c in cells for m in MODES
+        ]
     return cases
 
 
@@ -220,7 +226,9 @@ def settle(
             return waited
 
 
-def measure(runners: dict[str, Runner], timing: Timing) -> dict[str, Stats]:
+def measure(
+    runners: dict[str, Runner], timing: Timing, before: Callable[[str], None] = lambda side: None
+) -> dict[str, Stats]:
     """Time every side, round-robin so that the machine's noise falls on all of them alike.
 
     Each side is warmed up and given enough calls per repeat to take `min_repeat_time`; the
@@ -232,7 +240,8 @@ def measure(runners: dict[str, Runner], timing: Timing) -> dict[str, Stats]:
     batch 1 on two threads a side can need 10-20 ms of calls after a pause to get back to its
     speed (rnnkit's GRU: 3.3 ms, 1.03 ms, 0.75 ms, then 0.56, 0.51 and 0.45 ms at the 5th, 9th and
     17th call; ONNX Runtime's, 1.39, 0.88 and 0.80 ms, level from the 5th call). The first call
-    after the pause is timed apart, as `Stats.after_idle`.
+    after the pause is timed apart, as `Stats.after_idle`. `before(side)` runs before each of a
+    side's turns, untimed (it sets the side's thread count).
     """
 
     def repeat(fn: Runner, number: int) -> float:
@@ -250,7 +259,10 @@ def measure(runners: dict[str, Runner], timing: Timing) -> dict[str, Stats]:
         return first
 
     with gc_paused():
-        once = {side: repeat(fn, 1) for side, fn in runners.items()}  # warm-up and calibration
+        once = {}
+        for side, fn in runners.items():  # warm-up and calibration
+            before(side)
+            once[side] = repeat(fn, 1)
         number = {side: max(1, math.ceil(timing.min_repeat_time / max(t, 1e-9))) for side, t in once.items()}
         slowest = max((once[side] * number[side] for side in runners), default=1.0)
         repeats = min(timing.max_repeats, max(timing.min_repeats, int(timing.budget / max(slowest, 1e-9))))
@@ -258,6 +270,7 @@ def measure(runners: dict[str, Runner], timing: Timing) -> dict[str, Stats]:
         firsts: dict[str, list[float]] = {side: [] for side in runners}
         for i in range(timing.warmup + repeats):
             for side, fn in runners.items():
+                before(side)
                 settle()
                 first = warm(fn)
                 t = repeat(fn, number[side]) / number[side]
@@ -647,6 +660,13 @@ class Row:
         ours, theirs = self.times.get("rnnkit"), self.times.get(side)
         return None if ours is None or theirs is None else theirs.median / ours.median
 
+    def thread_speedup(self, side: str) -> float | None:
+        """How many times faster `side` ran at `case.also` threads than at `case.threads`, both
+        timed in turns in this row's measurement."""
+        one = self.times.get(side)
+        many = self.times.get(at_threads(side, self.case.also)) if self.case.also else None
+        return None if one is None or many is None else one.median / many.median
+
     def to_json(self, peak: float | None) -> dict[str, Any]:
         gf = self.gflops()
         return {
@@ -659,6 +679,7 @@ class Row:
             "rnnkit_pct_of_peak": None if gf is None or not peak else 100.0 * gf / peak,
             "ratio_torch": self.ratio("torch"),
             "ratio_ort": self.ratio("ort"),
+            "thread_speedup": {side: self.thread_speedup(side) for side in SIDES} if self.case.also else None,
             "max_rel_error_vs_torch": self.errors,
             "other_processes_cores_busy": self.other_cores,
             "notes": self.notes,
@@ -715,18 +736,38 @@ def prepare(
     return runners
 
 
+def at_threads(side: str, threads: int) -> str:
+    """The key of `side` timed at `threads` in a thread-scaling case (see `Case.also`)."""
+    return f"{side}@{threads}t"
+
+
 def run_case(case: Case, peers: Peers, timing: Timing, workdir: Path) -> Row:
-    set_threads(peers, case.threads)
     notes: list[str] = []
     x, lengths = case_inputs(case)
+    set_threads(peers, case.threads)
     runners = prepare(case, x, lengths, peers, workdir, notes)
+    threads = dict.fromkeys(runners, case.threads)
+    if case.also:
+        set_threads(peers, case.also)
+        more_notes: list[str] = []
+        more = prepare(replace(case, threads=case.also, also=0), x, lengths, peers, workdir, more_notes)
+        notes += [f"at {case.also} threads: {n}" for n in more_notes if n not in notes]
+        runners |= {at_threads(side, case.also): run for side, run in more.items()}
+        threads |= {at_threads(side, case.also): case.also for side in more}
+
+    def before(side: str) -> None:
+        set_threads(peers, threads[side])
+
     # The (sequence, time) pairs one call computes; streaming rows are per step.
     steps = case.batch if case.streaming else case.batch * case.seq
     if lengths is not None:
         steps = int(lengths.sum())
     row = Row(case, case.flops(steps), notes=notes)
 
-    outputs = {side: run() for side, run in runners.items()}
+    outputs = {}
+    for side, run in runners.items():
+        before(side)
+        outputs[side] = run()
     ref = outputs.get("torch")
     for side in list(runners):
         if ref is None or side == "torch":
@@ -739,7 +780,7 @@ def run_case(case: Case, peers: Peers, timing: Timing, workdir: Path) -> Row:
 
     per = 1.0 / case.seq if case.streaming else 1.0
     with other_load() as load:
-        row.times = {side: stats.scaled(per) for side, stats in measure(runners, timing).items()}
+        row.times = {side: stats.scaled(per) for side, stats in measure(runners, timing, before).items()}
     row.other_cores = load[0]
     if row.other_cores > BUSY:
         row.notes.append(f"machine busy: other processes used {row.other_cores:.1f} cores")
@@ -778,10 +819,9 @@ def twin(rows: Sequence[Row], case: Case, **changes: Any) -> Row | None:
     return next((r for r in rows if r.case == want), None)
 
 
-def speedup(slow: Row | None, fast: Row | None, side: str) -> str:
+def speedup(slow: Row, fast: Row, side: str) -> str:
     """How many times faster `fast` runs than `slow` on one side."""
-    a = None if slow is None else slow.times.get(side)
-    b = None if fast is None else fast.times.get(side)
+    a, b = slow.times.get(side), fast.times.get(side)
     return fmt_ratio(None if a is None or b is None else a.median / b.median)
 
 
@@ -854,12 +894,11 @@ def markdown(result: dict[str, Any], rows: Sequence[Row], peaks: dict[int, dict[
         lines += ["", "Full length time / variable-length time (higher: more of the padding skipped):", ""]
         lines += md_table(["config", "rnnkit", "torch (packed)"], lengths)
     scaling = [
-        [r.case.label, *(speedup(r, g, side) for side in SIDES)]
-        for r in rows
-        if r.case.section == "threads" and (g := twin(rows, r.case, section="grid", threads=threads))
+        [r.case.label, *(fmt_ratio(r.thread_speedup(side)) for side in SIDES)] for r in rows if r.case.also
     ]
     if scaling:
-        lines += ["", f"Speed-up of {threads} threads over 1:", ""]
+        title = f"Speed-up of {threads} threads over 1 (each side timed at both thread counts, in turns):"
+        lines += ["", title, ""]
         lines += md_table(["config", "rnnkit", "torch", "ORT"], scaling)
     idle = [
         [r.case.label, *(fmt_time(st.after_idle) if (st := r.times.get(side)) else "—" for side in SIDES)]
