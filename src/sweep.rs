@@ -96,9 +96,6 @@ pub struct Layer {
 pub struct Tape<T: Float> {
     layer: Layer,
     plan: Plan,
-    /// The input: the rows of `valid` when it is set, else all rows with the steps past each
-    /// sequence's length zeroed.
-    x: Vec<T>,
     /// The x-order rows inside the sequences' lengths, when padding is worth skipping.
     valid: Option<Vec<usize>>,
     /// A copy of each direction's parameters, to refuse a backward with other ones.
@@ -112,21 +109,17 @@ struct DirTape<T: Float> {
     /// block's `SAVED` pieces of its width side by side), so that a block of a step writes and
     /// reads its own as one piece.
     saved: Vec<T>,
-    /// h_{t-1} per (t, b), x-order (zero past a sequence's length).
-    hprev: Vec<T>,
+    /// x_t then h_{t-1}, side by side in one row per (t, b), x-order, zero past a sequence's
+    /// length: what `dW_ih` and `dW_hh` are products with, so that one GEMM computes both when
+    /// they share the gate gradients (see `backward_impl`).
+    xh: Vec<T>,
 }
 
 /// The tape's big buffers go back to [`buffers`] for the next training step.
-impl<T: Float> Drop for Tape<T> {
-    fn drop(&mut self) {
-        buffers::give(std::mem::take(&mut self.x));
-    }
-}
-
 impl<T: Float> Drop for DirTape<T> {
     fn drop(&mut self) {
         buffers::give(std::mem::take(&mut self.saved));
-        buffers::give(std::mem::take(&mut self.hprev));
+        buffers::give(std::mem::take(&mut self.xh));
     }
 }
 
@@ -175,6 +168,10 @@ impl Layer {
     }
     fn rows(&self) -> usize {
         self.dims.seq_len * self.dims.batch
+    }
+    /// The width of a row of [`DirTape::xh`]: x_t, then h_{t-1}.
+    fn kept_width(&self) -> usize {
+        self.dims.input + self.dims.hidden
     }
     /// (t stride, b stride) of x-order rows.
     fn strides(&self) -> (usize, usize) {
@@ -556,17 +553,12 @@ fn forward_impl<C: Cell, T: Float>(
     let d = layer.dims;
     let (h, gh, rows, nd) = (d.hidden, layer.gh(), layer.rows(), layer.directions);
     let ydim = nd * h;
+    let ldk = layer.kept_width();
     zero_padding(layer, lengths, y, ydim);
     // The big GEMMs run over the valid rows only when padding is worth skipping, else over all.
     let valid = valid_rows(layer, lengths);
     let xs: Cow<'_, [T]> = match &valid {
         Some(idx) => Cow::Owned(gather(x, idx, d.input)),
-        None if train => {
-            let mut k = buffers::take(x.len());
-            k.extend_from_slice(x);
-            zero_padding(layer, lengths, &mut k, d.input);
-            Cow::Owned(k)
-        }
         None => Cow::Borrowed(x),
     };
     let nrows = valid.as_ref().map_or(rows, Vec::len);
@@ -606,8 +598,21 @@ fn forward_impl<C: Cell, T: Float>(
         // Without padding, the sweep writes every row of what it keeps.
         let every = plan.lens.iter().all(|&l| l == d.seq_len);
         let mut kept = train.then(|| {
-            let buf = |n| ToWrite::new(n, every);
-            (buf(rows * C::SAVED * h), buf(rows * h))
+            let (saved, mut xh) = (
+                ToWrite::new(rows * C::SAVED * h, every),
+                ToWrite::<T>::new(rows * ldk, every),
+            );
+            // x_t into each kept row inside the lengths (the sweep adds h_{t-1} beside it).
+            for (b, len) in (0..d.batch).map(|b| (b, lengths.map_or(d.seq_len, |l| l[b]))) {
+                for r in (0..len).map(|t| layer.row(t, b)) {
+                    // SAFETY: row r of x and of the kept buffer are inside them; nothing else
+                    // touches the buffer yet.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(x.as_ptr().add(r * d.input), xh.ptr().add(r * ldk), d.input)
+                    };
+                }
+            }
+            (saved, xh)
         });
         let keep = kept.as_mut().map(|(s, p)| (Ptr(s.ptr()), Ptr(p.ptr())));
         let sw = Sweep {
@@ -638,17 +643,16 @@ fn forward_impl<C: Cell, T: Float>(
         plan.for_each_slice(threads, |off, n, team| sw.forward_slice(off, n, team, xw, h0, c0, out));
         buffers::give(xw_buf);
         // SAFETY: without padding, the sweep wrote every element (see `FwdTile`).
-        kept.map(|(saved, hprev)| unsafe {
+        kept.map(|(saved, xh)| unsafe {
             DirTape {
                 saved: saved.written(),
-                hprev: hprev.written(),
+                xh: xh.written(),
             }
         })
     });
     train.then(|| Tape {
         layer: *layer,
         plan,
-        x: xs.into_owned(),
         valid,
         weights: weights.iter().map(weights_copy).collect(),
         c0: c0.map(<[T]>::to_vec),
@@ -842,7 +846,7 @@ struct FwdOut<T> {
     ldy: usize,
     hn: Ptr<T>,
     cn: Ptr<T>,
-    /// (saved, hprev) when training.
+    /// (saved, [x_t h_{t-1}] rows) when training.
     keep: Option<(Ptr<T>, Ptr<T>)>,
 }
 
@@ -974,8 +978,9 @@ impl<C: Cell, T: Float> Kernel for FwdTile<'_, '_, C, T> {
                 };
                 let h_new = self.h.1.slice(r * h + u0, w);
                 let saved = match out.keep {
-                    Some((sp, hp)) => {
-                        hp.slice(xr * h + u0, w).copy_from_slice(h_prev);
+                    Some((sp, xhp)) => {
+                        let at = xr * sw.layer.kept_width() + sw.layer.dims.input + u0;
+                        xhp.slice(at, w).copy_from_slice(h_prev);
                         sp.slice(xr * sv + C::SAVED * u0, C::SAVED * w)
                     }
                     None => empty(),
@@ -1156,8 +1161,9 @@ fn backward_impl<C: Cell, T: Float>(
             .for_each_slice(threads, |off, n, team| sw.backward_slice(off, n, team, &inp, out));
         // SAFETY: without padding, the sweep wrote every element (see `BwdTile`).
         let (dgx, dgh_all) = unsafe { (dgx.written(), dgh_all.written()) };
-        // Deferred weight gradients: one GEMM each over all the (valid) rows.
-        let (dgx, dgh_all, hprev) = match &tape.valid {
+        // Deferred weight gradients: GEMMs over all the (valid) rows.
+        let ldk = layer.kept_width();
+        let (dgx, dgh_all, xh) = match &tape.valid {
             Some(idx) => {
                 let valid = (
                     gather(&dgx, idx, gh),
@@ -1166,29 +1172,55 @@ fn backward_impl<C: Cell, T: Float>(
                     } else {
                         Vec::new()
                     },
-                    Cow::Owned(gather(&kept.hprev, idx, h)),
+                    Cow::Owned(gather(&kept.xh, idx, ldk)),
                 );
                 buffers::give(dgx);
                 buffers::give(dgh_all);
                 valid
             }
-            None => (dgx, dgh_all, Cow::Borrowed(&kept.hprev[..])),
+            None => (dgx, dgh_all, Cow::Borrowed(&kept.xh[..])),
         };
         let dgh: &[T] = if C::SPLIT_DGH { &dgh_all } else { &dgx };
-        matmul(
-            MatMut::new(g.w_ih, gh, d.input, d.input),
-            true,
-            Mat::new(&dgx, nrows, gh, gh).t(),
-            Mat::new(&tape.x, nrows, d.input, d.input),
-            threads,
-        );
-        matmul(
-            MatMut::new(g.w_hh, gh, h, h),
-            true,
-            Mat::new(dgh, nrows, gh, gh).t(),
-            Mat::new(&hprev, nrows, h, h),
-            threads,
-        );
+        if C::SPLIT_DGH {
+            let (x, hprev) = (&xh[..], &xh[d.input..]);
+            matmul(
+                MatMut::new(g.w_ih, gh, d.input, d.input),
+                true,
+                Mat::new(&dgx, nrows, gh, gh).t(),
+                Mat::new(x, nrows, d.input, ldk),
+                threads,
+            );
+            matmul(
+                MatMut::new(g.w_hh, gh, h, h),
+                true,
+                Mat::new(dgh, nrows, gh, gh).t(),
+                Mat::new(hprev, nrows, h, ldk),
+                threads,
+            );
+        } else {
+            // [dW_ih dW_hh] = dG^T [x h_{t-1}], one GEMM instead of two (the gate gradients
+            // packed once, a wider product): 7-17% faster than two on LSTM B=8 and B=64 shapes.
+            let mut both = ToWrite::new(gh * ldk, true);
+            // SAFETY: without accumulation `matmul` writes every element of its view, which
+            // covers the buffer's `gh * ldk` elements.
+            let both = unsafe {
+                matmul(
+                    MatMut::from_raw(both.ptr(), gh, ldk, ldk),
+                    false,
+                    Mat::new(&dgx, nrows, gh, gh).t(),
+                    Mat::new(&xh, nrows, ldk, ldk),
+                    threads,
+                );
+                both.written()
+            };
+            let rows = g.w_ih.chunks_exact_mut(d.input).zip(g.w_hh.chunks_exact_mut(h));
+            for ((wi, wh), from) in rows.zip(both.chunks_exact(ldk)) {
+                let (fi, fh) = from.split_at(d.input);
+                wi.iter_mut().zip(fi).for_each(|(a, &b)| *a += b);
+                wh.iter_mut().zip(fh).for_each(|(a, &b)| *a += b);
+            }
+            buffers::give(both);
+        }
         add_column_sums(g.b_ih, &dgx, gh);
         add_column_sums(g.b_hh, dgh, gh);
         buffers::give(dgh_all);
@@ -1385,7 +1417,7 @@ impl<C: Cell, T: Float> Kernel for BwdTile<'_, '_, C, T> {
                     dh,
                     dc,
                     saved,
-                    h_prev: &inp.kept.hprev[xr * h + u0..][..w],
+                    h_prev: &inp.kept.xh[xr * layer.kept_width() + layer.dims.input + u0..][..w],
                     c_prev,
                     dgx: &mut *dgx,
                     dgh: &mut *dgh,
