@@ -2,7 +2,7 @@
 //! `r = σ(W_ir x + b_ir + W_hr h + b_hr)`, `z = σ(W_iz x + b_iz + W_hz h + b_hz)`,
 //! `n = tanh(W_in x + b_in + r * (W_hn h + b_hn))`, `h' = (1 - z) * n + z * h`.
 
-use super::{add_pre, blocks, sigmoid_in_place, Bwd, Cell, Fwd};
+use super::{blocks, pre_activations, sigmoid_in_place, Bwd, Cell, Fwd};
 use crate::simd::{Float, Isa};
 
 #[derive(Clone, Copy, Default)]
@@ -17,12 +17,31 @@ impl Cell for Gru {
     #[inline(always)]
     fn forward<I: Isa, T: Float>(self, r: Fwd<'_, T>, train: bool) {
         let n = r.h.len();
-        let (rz, hn) = r.hw[..3 * n].split_at_mut(2 * n);
-        add_pre(rz, &r.xw[..2 * n], &r.b_ih[..2 * n], &r.b_hh[..2 * n]);
+        // Training computes r, z and W_hn h + b_hn in the tape, where backward reads them.
+        let (tape_rz, rest) = r.saved.split_at_mut(if train { 2 * n } else { 0 });
+        let (tape_n, tape_hn) = rest.split_at_mut(if train { n } else { 0 });
+        let (rz, hw_n) = r.hw[..3 * n].split_at_mut(2 * n);
+        let rz = pre_activations(
+            rz,
+            train.then_some(tape_rz),
+            &r.xw[..2 * n],
+            &r.b_ih[..2 * n],
+            &r.b_hh[..2 * n],
+        );
         sigmoid_in_place::<I, T>(rz);
-        for (v, &b) in hn.iter_mut().zip(&r.b_hh[2 * n..3 * n]) {
-            *v += b;
-        }
+        let b_hn = &r.b_hh[2 * n..3 * n];
+        let hn: &[T] = if train {
+            let out = &mut tape_hn[..n];
+            for ((o, &v), &b) in out.iter_mut().zip(&*hw_n).zip(b_hn) {
+                *o = v + b;
+            }
+            out
+        } else {
+            for (v, &b) in hw_n.iter_mut().zip(b_hn) {
+                *v += b;
+            }
+            hw_n
+        };
         let (rg, zg) = rz.split_at(n);
         let h = &mut r.h[..n];
         // n, kept in h until the update below.
@@ -31,15 +50,12 @@ impl Cell for Gru {
             .zip(&r.xw[2 * n..3 * n])
             .zip(&r.b_ih[2 * n..3 * n])
             .zip(rg)
-            .zip(hn.iter())
+            .zip(hn)
         {
             *hj = (rj * hnj + (x + b)).tanh::<I>();
         }
         if train {
-            let s = &mut r.saved[..4 * n];
-            s[..2 * n].copy_from_slice(rz);
-            s[2 * n..3 * n].copy_from_slice(h);
-            s[3 * n..].copy_from_slice(hn);
+            tape_n.copy_from_slice(h);
         }
         for ((hj, &hp), &z) in h.iter_mut().zip(&r.h_prev[..n]).zip(zg) {
             *hj = z * (hp - *hj) + *hj;

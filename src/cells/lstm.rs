@@ -2,7 +2,7 @@
 //! `c' = f*c + i*g`, `h' = o*tanh(c')`, with i, f, o sigmoid and g tanh of
 //! `W_ih x + b_ih + W_hh h + b_hh`.
 
-use super::{add_pre, blocks, sigmoid_in_place, tanh_in_place, Bwd, Cell, Fwd};
+use super::{blocks, pre_activations, sigmoid_in_place, tanh_in_place, Bwd, Cell, Fwd};
 use crate::simd::{Float, Isa};
 
 #[derive(Clone, Copy, Default)]
@@ -17,9 +17,17 @@ impl Cell for Lstm {
     #[inline(always)]
     fn forward<I: Isa, T: Float>(self, r: Fwd<'_, T>, train: bool) {
         let n = r.h.len();
-        let hw = &mut r.hw[..4 * n];
-        add_pre(hw, &r.xw[..4 * n], &r.b_ih[..4 * n], &r.b_hh[..4 * n]);
-        let (ifg, o) = hw.split_at_mut(3 * n);
+        // Training computes the gates in the tape, where backward reads them.
+        let (tape, sc) = r.saved.split_at_mut(if train { 4 * n } else { 0 });
+        let into = train.then_some(tape);
+        let gates = pre_activations(
+            &mut r.hw[..4 * n],
+            into,
+            &r.xw[..4 * n],
+            &r.b_ih[..4 * n],
+            &r.b_hh[..4 * n],
+        );
+        let (ifg, o) = gates.split_at_mut(3 * n);
         let (i_f, g) = ifg.split_at_mut(2 * n);
         sigmoid_in_place::<I, T>(i_f);
         tanh_in_place::<I, T>(g);
@@ -33,9 +41,7 @@ impl Cell for Lstm {
             *hj = oj * cj.tanh::<I>();
         }
         if train {
-            let (gates, sc) = r.saved[..5 * n].split_at_mut(4 * n);
-            gates.copy_from_slice(hw);
-            sc.copy_from_slice(c);
+            sc[..n].copy_from_slice(c);
         }
     }
 

@@ -145,11 +145,30 @@ pub(crate) fn blocks<const G: usize, T>(s: &[T], n: usize) -> [&[T]; G] {
 // The pointwise passes below are single loops over at most five slices, zipped: a shape LLVM
 // reliably turns into SIMD code (one long loop over many indexed slices is not).
 
-/// `hw[q] = xw[q] + b_ih[q] + (hw[q] + b_hh[q])`: the gates' pre-activations, in place.
+/// `xw[q] + b_ih[q] + (hw[q] + b_hh[q])`: the gates' pre-activations, over `hw` or, when
+/// training, straight into the tape (`into`, where the cell then activates them: no copy of the
+/// gates to the tape afterwards). Returns where they are.
 #[inline(always)]
-pub(crate) fn add_pre<T: Float>(hw: &mut [T], xw: &[T], b_ih: &[T], b_hh: &[T]) {
-    for (((h, &x), &bi), &bh) in hw.iter_mut().zip(xw).zip(b_ih).zip(b_hh) {
-        *h = x + bi + (*h + bh);
+pub(crate) fn pre_activations<'a, T: Float>(
+    hw: &'a mut [T],
+    into: Option<&'a mut [T]>,
+    xw: &[T],
+    b_ih: &[T],
+    b_hh: &[T],
+) -> &'a mut [T] {
+    match into {
+        None => {
+            for (((h, &x), &bi), &bh) in hw.iter_mut().zip(xw).zip(b_ih).zip(b_hh) {
+                *h = x + bi + (*h + bh);
+            }
+            hw
+        }
+        Some(out) => {
+            for ((((o, &h), &x), &bi), &bh) in out.iter_mut().zip(&*hw).zip(xw).zip(b_ih).zip(b_hh) {
+                *o = x + bi + (h + bh);
+            }
+            out
+        }
     }
 }
 

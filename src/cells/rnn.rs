@@ -1,6 +1,6 @@
 //! Elman RNN: `h' = act(W_ih x + b_ih + W_hh h + b_hh)`, act = tanh or relu (PyTorch's nn.RNN).
 
-use super::{add_pre, Bwd, Cell, Fwd};
+use super::{pre_activations, Bwd, Cell, Fwd};
 use crate::simd::{Float, Isa};
 use std::marker::PhantomData;
 
@@ -53,9 +53,8 @@ impl<A: Activation> Cell for Rnn<A> {
     #[inline(always)]
     fn forward<I: Isa, T: Float>(self, r: Fwd<'_, T>, train: bool) {
         let n = r.h.len();
-        let hw = &mut r.hw[..n];
-        add_pre(hw, &r.xw[..n], &r.b_ih[..n], &r.b_hh[..n]);
-        for (h, &a) in r.h.iter_mut().zip(hw.iter()) {
+        let pre = pre_activations(&mut r.hw[..n], None, &r.xw[..n], &r.b_ih[..n], &r.b_hh[..n]);
+        for (h, &a) in r.h.iter_mut().zip(pre.iter()) {
             *h = A::f::<I, T>(a);
         }
         if train {
