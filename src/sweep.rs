@@ -173,6 +173,10 @@ impl Layer {
     fn kept_width(&self) -> usize {
         self.dims.input + self.dims.hidden
     }
+    /// Where h_{t-1} of x-order row `xr` starts in [`DirTape::xh`].
+    fn kept_h(&self, xr: usize) -> usize {
+        xr * self.kept_width() + self.dims.input
+    }
     /// (t stride, b stride) of x-order rows.
     fn strides(&self) -> (usize, usize) {
         match self.layout {
@@ -294,6 +298,11 @@ impl Plan {
         }
         let lens = perm.iter().map(|&b| lengths.map_or(seq_len, |l| l[b])).collect();
         Plan { perm, lens, slices }
+    }
+
+    /// No sequence is shorter than `seq_len`: the sweeps write every row of what they keep.
+    fn full(&self, seq_len: usize) -> bool {
+        self.lens.iter().all(|&l| l == seq_len)
     }
 
     /// The most rows a slice has (the most a step's product can have).
@@ -595,8 +604,7 @@ fn forward_impl<C: Cell, T: Float>(
             );
             xw_buf.set_len(nrows * gh);
         }
-        // Without padding, the sweep writes every row of what it keeps.
-        let every = plan.lens.iter().all(|&l| l == d.seq_len);
+        let every = plan.full(d.seq_len);
         let mut kept = train.then(|| {
             let (saved, mut xh) = (
                 ToWrite::new(rows * C::SAVED * h, every),
@@ -979,8 +987,7 @@ impl<C: Cell, T: Float> Kernel for FwdTile<'_, '_, C, T> {
                 let h_new = self.h.1.slice(r * h + u0, w);
                 let saved = match out.keep {
                     Some((sp, xhp)) => {
-                        let at = xr * sw.layer.kept_width() + sw.layer.dims.input + u0;
-                        xhp.slice(at, w).copy_from_slice(h_prev);
+                        xhp.slice(sw.layer.kept_h(xr) + u0, w).copy_from_slice(h_prev);
                         sp.slice(xr * sv + C::SAVED * u0, C::SAVED * w)
                     }
                     None => empty(),
@@ -1124,8 +1131,7 @@ fn backward_impl<C: Cell, T: Float>(
     let jobs: Vec<_> = grads.iter_mut().zip(&tape.dirs).collect();
     let dgxs = map_items(jobs, threads, |dir, (g, kept)| {
         let w = &weights[dir];
-        // Without padding, the sweep writes every row of the gate gradients.
-        let every = tape.plan.lens.iter().all(|&l| l == d.seq_len);
+        let every = tape.plan.full(d.seq_len);
         let mut dgx = ToWrite::new(rows * gh, every);
         let mut dgh_all = ToWrite::new(if C::SPLIT_DGH { rows * gh } else { 0 }, every);
         let units = unit_blocks(h);
@@ -1417,7 +1423,7 @@ impl<C: Cell, T: Float> Kernel for BwdTile<'_, '_, C, T> {
                     dh,
                     dc,
                     saved,
-                    h_prev: &inp.kept.xh[xr * layer.kept_width() + layer.dims.input + u0..][..w],
+                    h_prev: &inp.kept.xh[layer.kept_h(xr) + u0..][..w],
                     c_prev,
                     dgx: &mut *dgx,
                     dgh: &mut *dgh,
