@@ -185,21 +185,7 @@ pub fn matmul<T: Float>(dst: MatMut<T>, accumulate: bool, a: Mat<T>, b: Mat<T>, 
         }
         return;
     }
-    if let Some(kernel) = T::dot_kernel().filter(|_| dst.rows <= DOT_MAX_ROWS && a.cs == 1 && b.rs == 1 && dst.cs == 1)
-    {
-        for i in 0..dst.rows {
-            let args = DotArgs {
-                k: a.cols,
-                n: dst.cols,
-                x: a.ptr.wrapping_offset(i as isize * a.rs),
-                w: b.ptr,
-                ldw: b.cs as usize,
-                y: dst.ptr.wrapping_offset(i as isize * dst.rs),
-                accumulate,
-            };
-            // SAFETY: row i of `a` and `dst` and the n x k matrix behind `b` are inside their views.
-            unsafe { kernel(&args) };
-        }
+    if dst.rows <= DOT_MAX_ROWS && dot(&dst, accumulate, &a, &b) {
         return;
     }
     if (2..=FAER_MAX_ROWS).contains(&dst.rows) {
@@ -262,6 +248,49 @@ pub fn matmul<T: Float>(dst: MatMut<T>, accumulate: bool, a: Mat<T>, b: Mat<T>, 
             par,
         )
     }
+}
+
+/// Products of at most this many rows go to the dot-product kernel in [`matmul_unpacked`]. One
+/// thread, medians (this VM, f32, k x n of 64 x 256 to 512 x 1024): 1.4-2.6x faer's speed (which
+/// packs `b` in every call) at 2-8 rows, 0.96-1.3x at 16, 0.8-1.1x at 32.
+pub(crate) const UNPACKED_DOT_MAX_ROWS: usize = 16;
+
+/// `dst (+)= a * b` on the calling thread, for a `b` used once, as a streaming step's weights:
+/// by the dot-product kernel, which reads `b` as it is, when `b` is a row-major matrix
+/// transposed (`x W^T`), `a` has at most [`UNPACKED_DOT_MAX_ROWS`] rows and the CPU has the
+/// kernel; by [`matmul`] otherwise.
+pub fn matmul_unpacked<T: Float>(dst: MatMut<T>, accumulate: bool, a: Mat<T>, b: Mat<T>) {
+    assert!(
+        a.rows == dst.rows && b.cols == dst.cols && a.cols == b.rows,
+        "matmul shapes"
+    );
+    if dst.rows == 0 || dst.cols == 0 || dst.rows > UNPACKED_DOT_MAX_ROWS || !dot(&dst, accumulate, &a, &b) {
+        matmul(dst, accumulate, a, b, 1);
+    }
+}
+
+/// `dst (+)= a * b` by the dot-product kernel (shapes checked, none empty), if `a`, `dst` and
+/// `b`'s transpose are row-major and the CPU has the kernel; false, with nothing done, if not.
+fn dot<T: Float>(dst: &MatMut<T>, accumulate: bool, a: &Mat<T>, b: &Mat<T>) -> bool {
+    let Some(kernel) = T::dot_kernel().filter(|_| a.cs == 1 && b.rs == 1 && dst.cs == 1) else {
+        return false;
+    };
+    let args = DotArgs {
+        m: dst.rows,
+        k: a.cols,
+        n: dst.cols,
+        x: a.ptr,
+        ldx: a.rs as usize,
+        w: b.ptr,
+        ldw: b.cs as usize,
+        y: dst.ptr,
+        ldy: dst.rs as usize,
+        accumulate,
+    };
+    // SAFETY: the m x k matrix behind `a`, the n x k one behind `b` and the m x n one behind
+    // `dst` are inside their views.
+    unsafe { kernel(&args) };
+    true
 }
 
 /// `out[j] += sum_i m[i][j]` over the rows of a row-major `rows x cols` matrix.
@@ -524,81 +553,120 @@ panel_kernel!(
     _mm256_fmadd_pd
 );
 
-/// What the dot-product kernel reads and writes: `y[j] (+)= x . w[j]` for the `n` rows of a
-/// row-major `w` (leading dimension `ldw`), all of length `k`.
+/// What the dot-product kernel reads and writes: `y[i][j] (+)= x[i] . w[j]` for the `m` rows of a
+/// row-major `x` (leading dimension `ldx`) and the `n` rows of a row-major `w` (`ldw`), all of
+/// length `k`; `y` is row-major with leading dimension `ldy`.
 pub struct DotArgs<T> {
+    pub m: usize,
     pub k: usize,
     pub n: usize,
     pub x: *const T,
+    pub ldx: usize,
     pub w: *const T,
     pub ldw: usize,
     pub y: *mut T,
+    pub ldy: usize,
     pub accumulate: bool,
 }
 
 /// The dot-product kernel; unsafe: the pointers of `DotArgs` must be valid for its shapes.
 pub type DotKernel<T> = unsafe fn(&DotArgs<T>);
 
-/// The AVX2+FMA dot-product kernels: one vector's width of rows of `w` at a time (8 in f32, 4 in
-/// f64) against one row `x`, each row's products summed in vector lanes, then the rows' lanes
-/// summed together by a tree of horizontal adds, one vector of results. For one row times a
-/// matrix stored row-major (`x W^T`, as a streaming step multiplies its input and state by the
-/// weights), this reads `W` once, in order, with no packing: the weights may change between calls.
+/// The AVX2+FMA dot-product kernels, for `x W^T` with `W` stored row-major, as a streaming step
+/// multiplies its input and state by the weights: `W` is read once, in order, with no packing
+/// (the weights may change between calls), each block of its rows against every row of `x`.
+/// Each output's products are summed in vector lanes, in order of k, and the lanes then by a tree
+/// of horizontal adds, the same tree whatever the block: an output's value depends neither on
+/// the row counts nor on how the outputs are cut.
 #[cfg(target_arch = "x86_64")]
 macro_rules! dot_kernel {
-    ($name:ident, $t:ty, $v:ty, $lanes:expr, $zero:ident, $load:ident, $fma:ident, $store:ident, $sums:ident) => {
+    ($name:ident, $t:ty, $v:ty, $lanes:expr, $zero:ident, $load:ident, $fma:ident, $store:ident, $sums:ident, $sums4:ident) => {
         #[target_feature(enable = "avx2,fma")]
         pub(crate) unsafe fn $name(g: &DotArgs<$t>) {
             use std::arch::x86_64::*;
 
-            /// Outputs `[j, j + R)`: R dot products side by side (R independent FMA chains), their
-            /// vector accumulators summed across lanes together into one vector when R fills one.
+            /// Outputs `(i0 + i, j0 + r)`, `i < M`, `r < R`: R rows of `w` against M rows of `x`,
+            /// R * M independent FMA chains.
             #[inline(always)]
-            unsafe fn rows<const R: usize>(g: &DotArgs<$t>, j: usize) {
+            unsafe fn block<const R: usize, const M: usize>(g: &DotArgs<$t>, i0: usize, j0: usize) {
                 unsafe {
-                    let mut acc = [$zero(); R];
+                    let mut acc = [[$zero(); R]; M];
                     let body = g.k - g.k % $lanes;
                     for p in (0..body).step_by($lanes) {
-                        let xv: $v = $load(g.x.add(p));
-                        for (r, a) in acc.iter_mut().enumerate() {
-                            *a = $fma($load(g.w.add((j + r) * g.ldw + p)), xv, *a);
+                        let mut wv = [$zero(); R];
+                        for (r, w) in wv.iter_mut().enumerate() {
+                            *w = $load(g.w.add((j0 + r) * g.ldw + p));
                         }
-                    }
-                    let mut sums = [0.0 as $t; R];
-                    if R == $lanes {
-                        $store(sums.as_mut_ptr(), $sums(&acc));
-                    } else {
-                        // The lanes summed in the order of the tree of horizontal adds above
-                        // (adjacent pairs, then pairs of those, ...), so that an output's value
-                        // does not depend on whether it was computed in a full vector of rows.
-                        for (s, a) in sums.iter_mut().zip(&acc) {
-                            let mut lanes = [0.0 as $t; $lanes];
-                            $store(lanes.as_mut_ptr(), *a);
-                            let mut n = $lanes;
-                            while n > 1 {
-                                n /= 2;
-                                for l in 0..n {
-                                    lanes[l] = lanes[2 * l] + lanes[2 * l + 1];
-                                }
+                        for (i, acc) in acc.iter_mut().enumerate() {
+                            let xv: $v = $load(g.x.add((i0 + i) * g.ldx + p));
+                            for (a, w) in acc.iter_mut().zip(&wv) {
+                                *a = $fma(*w, xv, *a);
                             }
-                            *s = lanes[0];
                         }
                     }
-                    for (r, mut sum) in sums.into_iter().enumerate() {
-                        for p in body..g.k {
-                            sum += *g.w.add((j + r) * g.ldw + p) * *g.x.add(p);
+                    for (i, acc) in acc.iter().enumerate() {
+                        let (x, y) = (g.x.add((i0 + i) * g.ldx), g.y.add((i0 + i) * g.ldy + j0));
+                        let mut sums = [0.0 as $t; R];
+                        if R == $lanes {
+                            $store(sums.as_mut_ptr(), $sums(acc));
+                        } else if R == 4 {
+                            $sums4(acc, sums.as_mut_ptr());
+                        } else {
+                            // The tree of the horizontal adds, written out: adjacent pairs, then
+                            // pairs of those, ...
+                            for (s, a) in sums.iter_mut().zip(acc) {
+                                let mut lanes = [0.0 as $t; $lanes];
+                                $store(lanes.as_mut_ptr(), *a);
+                                let mut n = $lanes;
+                                while n > 1 {
+                                    n /= 2;
+                                    for l in 0..n {
+                                        lanes[l] = lanes[2 * l] + lanes[2 * l + 1];
+                                    }
+                                }
+                                *s = lanes[0];
+                            }
                         }
-                        let y = g.y.add(j + r);
-                        *y = if g.accumulate { *y + sum } else { sum };
+                        for (r, mut sum) in sums.into_iter().enumerate() {
+                            for p in body..g.k {
+                                sum += *g.w.add((j0 + r) * g.ldw + p) * *x.add(p);
+                            }
+                            let y = y.add(r);
+                            *y = if g.accumulate { *y + sum } else { sum };
+                        }
+                    }
+                }
+            }
+
+            /// Rows `[j0, j0 + R)` of `w` against every row of `x`, two rows at a time (eight
+            /// chains at R = 4: blocks of three rows, twelve chains, ran at 0.6-0.95x the speed).
+            #[inline(always)]
+            unsafe fn rows<const R: usize>(g: &DotArgs<$t>, j0: usize) {
+                unsafe {
+                    let mut i = 0;
+                    while g.m - i >= 2 {
+                        block::<R, 2>(g, i, j0);
+                        i += 2;
+                    }
+                    if i < g.m {
+                        block::<R, 1>(g, i, j0);
                     }
                 }
             }
 
             unsafe {
                 let mut j = 0;
-                while j + $lanes <= g.n {
-                    rows::<$lanes>(g, j);
-                    j += $lanes;
+                if g.m == 1 {
+                    // One row of x: a vector's width of w's rows at a time, as many chains.
+                    while j + $lanes <= g.n {
+                        block::<$lanes, 1>(g, 0, j);
+                        j += $lanes;
+                    }
+                } else {
+                    while j + 4 <= g.n {
+                        rows::<4>(g, j);
+                        j += 4;
+                    }
                 }
                 while j < g.n {
                     rows::<1>(g, j);
@@ -642,6 +710,26 @@ unsafe fn lane_sums_f64(a: &[std::arch::x86_64::__m256d]) -> std::arch::x86_64::
     }
 }
 
+/// The lane sums of four f32 vectors, stored at `out[0..4]`: the tree of [`lane_sums_f32`].
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn lane_sums4_f32(a: &[std::arch::x86_64::__m256], out: *mut f32) {
+    use std::arch::x86_64::*;
+    // SAFETY: AVX is enabled in the kernel that inlines this; `out` holds four elements.
+    unsafe {
+        let q = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+        _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(q), _mm256_extractf128_ps(q, 1)));
+    }
+}
+
+/// The lane sums of four f64 vectors (a full vector's width of them), stored at `out[0..4]`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn lane_sums4_f64(a: &[std::arch::x86_64::__m256d], out: *mut f64) {
+    // SAFETY: as for `lane_sums_f64`; `out` holds four elements.
+    unsafe { std::arch::x86_64::_mm256_storeu_pd(out, lane_sums_f64(a)) }
+}
+
 #[cfg(target_arch = "x86_64")]
 dot_kernel!(
     dot_f32,
@@ -652,7 +740,8 @@ dot_kernel!(
     _mm256_loadu_ps,
     _mm256_fmadd_ps,
     _mm256_storeu_ps,
-    lane_sums_f32
+    lane_sums_f32,
+    lane_sums4_f32
 );
 #[cfg(target_arch = "x86_64")]
 dot_kernel!(
@@ -664,7 +753,8 @@ dot_kernel!(
     _mm256_loadu_pd,
     _mm256_fmadd_pd,
     _mm256_storeu_pd,
-    lane_sums_f64
+    lane_sums_f64,
+    lane_sums4_f64
 );
 
 #[cfg(test)]
@@ -681,6 +771,8 @@ mod tests {
         Rows,
         /// `matmul` with `a` column-major (a transposed view, as the weight gradients use).
         Cols,
+        /// `matmul_unpacked` (the dot-product kernel at every row count).
+        Unpacked,
     }
 
     /// A pool of two threads shared by the tests, so that `matmul` can run on two threads.
@@ -715,6 +807,7 @@ mod tests {
                     Via::Cols => {
                         two_threads().install(|| matmul(dst, accumulate, Mat::new(&a, k, m, m).t(), b, threads))
                     }
+                    Via::Unpacked => matmul_unpacked(dst, accumulate, Mat::new(&a, m, k, k), b),
                 }
                 c
             });
@@ -752,18 +845,68 @@ mod tests {
         check_one::<T>(7, 64, 600, tol, Via::Packed);
     }
 
-    /// The few-row products of `matmul` with a transposed row-major `b` (the dot-product
-    /// kernel): row counts up to and past `DOT_MAX_ROWS`, k around the vector width.
+    /// The products of the dot-product kernel (a transposed row-major `b`): `matmul`'s few-row
+    /// ones, row counts up to and past `DOT_MAX_ROWS`, and `matmul_unpacked`'s, up to and past
+    /// `UNPACKED_DOT_MAX_ROWS`; k around the vector width, n around its blocks of rows.
     #[test]
-    fn few_row_product_matches_a_plain_loop() {
-        for m in 1..=DOT_MAX_ROWS + 1 {
-            for k in [1, 3, 8, 9, 17, 64] {
-                for n in [1, 3, 4, 5, 9, 40] {
-                    check_one::<f32>(m, k, n, 1e-5, Via::Rows);
-                    check_one::<f64>(m, k, n, 1e-13, Via::Rows);
+    fn dot_products_match_a_plain_loop() {
+        for (via, rows) in [
+            (Via::Rows, 1..=DOT_MAX_ROWS + 1),
+            (Via::Unpacked, 1..=UNPACKED_DOT_MAX_ROWS + 1),
+        ] {
+            for m in rows {
+                for k in [0, 1, 3, 8, 9, 17, 64] {
+                    for n in [1, 3, 4, 5, 9, 13, 40] {
+                        check_one::<f32>(m, k, n, 1e-5, via);
+                        check_one::<f64>(m, k, n, 1e-13, via);
+                    }
                 }
             }
         }
+    }
+
+    /// An output of the dot-product kernel has the same bits whatever the rows around it: one
+    /// row of `a` alone, or among others, against all of `b` or against a part.
+    #[test]
+    fn dot_product_outputs_do_not_depend_on_the_blocks() {
+        fn check<T: Float>() {
+            let (m, k, n) = (7, 37, 23);
+            let a: Vec<T> = (0..m * k)
+                .map(|i| T::from_f64(((i * 7 % 19) as f64 - 9.0) / 7.0))
+                .collect();
+            let w: Vec<T> = (0..n * k)
+                .map(|i| T::from_f64(((i * 5 % 17) as f64 - 8.0) / 3.0))
+                .collect();
+            let mut all = vec![T::ZERO; m * n];
+            matmul_unpacked(
+                MatMut::new(&mut all, m, n, n),
+                false,
+                Mat::new(&a, m, k, k),
+                Mat::new(&w, n, k, k).t(),
+            );
+            for i in 0..m {
+                for (j0, w_cols) in [(0, n), (5, 6), (11, 1)] {
+                    let mut one = vec![T::ZERO; w_cols];
+                    let b = Mat::new(&w[j0 * k..], w_cols, k, k).t();
+                    matmul_unpacked(
+                        MatMut::new(&mut one, 1, w_cols, w_cols),
+                        false,
+                        Mat::new(&a[i * k..], 1, k, k),
+                        b,
+                    );
+                    for (j, v) in one.iter().enumerate() {
+                        assert_eq!(
+                            v.to_f64().to_bits(),
+                            all[i * n + j0 + j].to_f64().to_bits(),
+                            "({i}, {})",
+                            j0 + j
+                        );
+                    }
+                }
+            }
+        }
+        check::<f32>();
+        check::<f64>();
     }
 
     /// Products past the few-row paths, large enough to run on both threads, with `a`

@@ -21,7 +21,9 @@
 use crate::buffers::{self, ToWrite};
 use crate::cells::{Bwd, Cell, CellKind, Fwd};
 use crate::error::{Error, Result};
-use crate::gemm::{add_column_sums, matmul, matmul_packed, Mat, MatMut, PackedB, DOT_MAX_ROWS};
+use crate::gemm::{
+    add_column_sums, matmul, matmul_packed, matmul_unpacked, Mat, MatMut, PackedB, UNPACKED_DOT_MAX_ROWS,
+};
 use crate::simd::{dispatch, prefetch, Float, Isa, Kernel};
 use crate::team;
 use rayon::prelude::*;
@@ -1539,10 +1541,11 @@ pub fn step<T: Float>(
     let start = since_start();
     let last = LAST_STEP.load(Ordering::Relaxed);
     let burst = last > 0 && start.saturating_sub(last) < STEP_BURST;
-    // At batch 1-2 the products are the dot kernel's, whose rounding of an output does not depend
-    // on how the outputs are cut: a step is cut only to be shared. Otherwise the cut depends on
-    // the sizes alone, never on the thread count or the timing, and so do the results.
-    let dot = batch <= DOT_MAX_ROWS && T::dot_kernel().is_some();
+    // Up to UNPACKED_DOT_MAX_ROWS rows the products are the dot kernel's, whose rounding of an
+    // output does not depend on how the outputs are cut: a step is cut only to be shared.
+    // Otherwise the cut depends on the sizes alone, never on the thread count or the timing, and
+    // so do the results.
+    let dot = batch <= UNPACKED_DOT_MAX_ROWS && T::dot_kernel().is_some();
     let min_bytes = if dot { STEP_SHARED_BYTES } else { STEP_CUT_BYTES };
     let share = burst && bytes >= min_bytes && crate::threads::get_num_threads() > 1;
     let cut = if dot { share } else { bytes >= min_bytes };
@@ -1553,16 +1556,19 @@ pub fn step<T: Float>(
     done
 }
 
-/// From this many bytes of weights (all layers), streaming steps at batch 1 or 2 that come in a
-/// burst are cut into unit blocks that this thread and the kernel threads share, each thread
-/// reading its part of the weights from its own cache (from Python, LSTM H=256: 24 µs a step on
-/// 2 threads against 36 on 1, GRU 18 against 26). Smaller steps run whole on the calling thread:
-/// at H=64 a step takes a few microseconds, about what sharing it costs.
+/// From this many bytes of weights (all layers), streaming steps of up to
+/// [`UNPACKED_DOT_MAX_ROWS`] rows that come in a burst are cut into unit blocks that this thread
+/// and the kernel threads share, each thread reading its part of the weights from its own cache
+/// (from Python, LSTM H=256: 24 µs a step on 2 threads against 36 on 1, GRU 18 against 26; from
+/// Rust, LSTM H=128 at batch 4 and 8: 18.7 and 36.9 µs against 31.8 and 56.4). Smaller steps
+/// run whole on the calling thread: at H=64 a step takes a few microseconds, about what sharing
+/// it costs.
 const STEP_SHARED_BYTES: usize = 256 << 10;
-/// From this many bytes of weights, steps at batch 3 or more are always cut into unit blocks,
-/// shared by the threads when they come in a burst. At H=256 (1.5-2 MB of weights) and batch
-/// 4-64 the cut cost nothing on one thread (0.97-1.03×) and gained 1.50-1.86× on two; at H=128
-/// (384-512 KB) it cost 5-8% on one thread at batch 4-8.
+/// From this many bytes of weights, steps of more rows (faer's products) are always cut into
+/// unit blocks, shared by the threads when they come in a burst. At H=256 (1.5-2 MB of weights)
+/// and batch 4-64 the cut cost nothing on one thread (0.97-1.03×) and gained 1.50-1.86× on two;
+/// at H=128 (384-512 KB) it cost 5-8% on one thread at batch 4-8 (measured with faer's products
+/// at those batches, before the dot kernel took rows 3-8).
 const STEP_CUT_BYTES: usize = 1 << 20;
 /// A step starting this soon after the previous one ended is in a burst, when the kernel
 /// threads are still awake from the previous step. Steps further apart, as in a real-time
@@ -1663,20 +1669,18 @@ impl<'a, C: Cell, T: Float> Kernel for StepBlock<'a, '_, C, T> {
         let (runs, len) = if uw == hd { (1, gw) } else { (C::GATES, uw) };
         for g in 0..runs {
             let (row, col) = (g * hd + u0, g * len);
-            matmul(
+            matmul_unpacked(
                 MatMut::new(&mut xw[col..], batch, len, gw),
                 false,
                 Mat::new(inp, batch, width, width),
                 Mat::new(&w.w_ih[row * width..], len, width, width).t(),
-                1,
             );
             if let Some(hp) = h_prev {
-                matmul(
+                matmul_unpacked(
                     MatMut::new(&mut hw[col..], batch, len, gw),
                     false,
                     Mat::new(hp, batch, hd, hd),
                     Mat::new(&w.w_hh[row * hd..], len, hd, hd).t(),
-                    1,
                 );
             }
             if uw < hd {

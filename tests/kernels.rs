@@ -1030,15 +1030,15 @@ fn steps_of_a_two_layer_stack_equal_two_forwards() {
 }
 
 /// Steps whose weights are large enough to be cut into unit blocks that the threads share
-/// (H=130: blocks of 72 and 58 units; 256 KB of weights or more at batch 1-2, where the steps of
-/// a burst are cut on two threads and not on one; 1 MB or more at batch 3, where the steps are
-/// always cut: LSTM in both types, GRU in f64) give the reference's states (in f32 to 1e-3: the
+/// (H=130: blocks of 72 and 58 units; 256 KB of weights or more at batch 1-8, the dot kernel's
+/// rows, where the steps of a burst are cut on two threads and not on one; 1 MB or more at batch
+/// 9, where the steps are always cut: LSTM in both types, GRU in f64) give the reference's states (in f32 to 1e-3: the
 /// ReLU cell's states reach a few hundred), and the same bits on one thread as on two.
 #[test]
 fn steps_in_unit_blocks_on_one_and_two_threads() {
     let _guard = lock_threads();
     for cell in CELLS {
-        for b in [1, 2, 3] {
+        for b in [1, 2, 3, 8, 9] {
             let run = |threads: usize| {
                 set_num_threads(threads).unwrap();
                 let dims = (3, b, 120, 130);

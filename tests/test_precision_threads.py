@@ -89,12 +89,13 @@ def test_one_thread_equals_two_threads(cell, batch, hidden, dtype, num_threads):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("batch", [1, 2, 3])
+@pytest.mark.parametrize("batch", [1, 2, 3, 8, 9])
 @pytest.mark.parametrize("cell", CELLS)
 def test_streaming_steps_same_on_one_and_two_threads(cell, batch, dtype, num_threads):
     """Steps of a two-layer stack with 256 KB of weights or more, called back to back, are shared
-    by the calling thread and the kernel threads at batch 1-2 (not at 3): the same bits as on one
-    thread, where they run whole, and forward's outputs. H=130 cuts the steps into unit blocks of
+    by the calling thread and the kernel threads at batch 1-8 (the dot kernel's rows; at 9 they
+    are cut by their size alone): the same bits as on one thread, where they run whole, and
+    forward's outputs. H=130 cuts the steps into unit blocks of
     72 and 58, whose edges do not fall on the gates' edges in a whole step's products."""
     rng = np.random.default_rng(batch)
     layer = make_layer(cell, 120, 130, 2, dtype=dtype, seed=3).eval()
