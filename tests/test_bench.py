@@ -10,7 +10,18 @@ import json
 
 import pytest
 import rnnkit
-from rnnkit.bench import QUICK, SETTLE, SETTLE_MAX, SETTLE_SLICE, main, measure, practical_peak, settle
+from rnnkit.bench import (
+    QUICK,
+    SETTLE,
+    SETTLE_MAX,
+    SETTLE_SLICE,
+    STREAM_BATCHES,
+    STREAM_HIDDEN,
+    main,
+    measure,
+    practical_peak,
+    settle,
+)
 
 
 class FakeMachine:
@@ -52,6 +63,9 @@ def test_quick_bench_writes_results(tmp_path):
     assert (tmp_path / "results.md").read_text().startswith("# rnnkit")
     rows = data["rows"]
     assert rows and all(r["cell"] == "gru" for r in rows)
+    assert {(r["batch"], r["hidden"]) for r in rows if r["section"] == "stream"} == {
+        (b, h) for b in STREAM_BATCHES for h in STREAM_HIDDEN
+    }
     assert all(r["times"]["rnnkit"]["median"] > 0 for r in rows), "rnnkit must be timed in every row"
     for r in rows:  # sides checked against torch (when it is installed) agreed
         assert all(err < 1e-4 for err in r["max_rel_error_vs_torch"].values()), r["label"]

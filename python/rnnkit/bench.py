@@ -54,6 +54,8 @@ RNNKIT_CLASSES: dict[str, Callable[..., Any]] = {"rnn": rnnkit.RNN, "lstm": rnnk
 # (batch, seq, input, hidden) of the main grid; the last one is the "large batch" shape.
 GRID_SHAPES = ((1, 100, 128, 128), (8, 100, 128, 256), (64, 100, 512, 512))
 STREAM_HIDDEN = (64, 256)
+# Streaming batches: one stream (the targets), and several served together, step by step.
+STREAM_BATCHES = (1, 8)
 MODES = ("inference", "training")
 SIDES = ("rnnkit", "torch", "ort")
 SEED = 1234
@@ -153,7 +155,12 @@ def build_cases(cells: Sequence[str], threads: int, seq: int) -> list[Case]:
     ]
     big = GRID_SHAPES[-1]
     cases += [Case("lengths", c, m, big[0], seq, big[2], big[3], threads) for c in cells for m in MODES]
-    cases += [Case("stream", c, "inference", 1, seq, h, h, threads) for h in STREAM_HIDDEN for c in cells]
+    cases += [
+        Case("stream", c, "inference", b, seq, h, h, threads)
+        for b in STREAM_BATCHES
+        for h in STREAM_HIDDEN
+        for c in cells
+    ]
     if threads > 1:
         cases += [
             Case("threads", c, m, big[0], seq, big[2], big[3], 1, also=threads) for c in cells for m in MODES
