@@ -250,10 +250,11 @@ pub fn matmul<T: Float>(dst: MatMut<T>, accumulate: bool, a: Mat<T>, b: Mat<T>, 
     }
 }
 
-/// Products of at most this many rows go to the dot-product kernel in [`matmul_unpacked`]. One
-/// thread, medians (this VM, f32, k x n of 64 x 256 to 512 x 1024): 1.4-2.6x faer's speed (which
-/// packs `b` in every call) at 2-8 rows, 0.96-1.3x at 16, 0.8-1.1x at 32.
-pub(crate) const UNPACKED_DOT_MAX_ROWS: usize = 16;
+/// Products of at most this many rows go to the dot-product kernel in [`matmul_unpacked`]. Against
+/// faer, which packs `b` in every call: LSTM and GRU streaming steps (H = I = 64 and 256, two
+/// threads, medians in one process, in turns) took 0.52-0.66x the time at batch 3-4, 0.83-0.94x
+/// at batch 8, and 1.05-1.14x at batch 16.
+pub(crate) const UNPACKED_DOT_MAX_ROWS: usize = 8;
 
 /// `dst (+)= a * b` on the calling thread, for a `b` used once, as a streaming step's weights:
 /// by the dot-product kernel, which reads `b` as it is, when `b` is a row-major matrix
