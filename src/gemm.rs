@@ -252,7 +252,7 @@ pub fn matmul<T: Float>(dst: MatMut<T>, accumulate: bool, a: Mat<T>, b: Mat<T>, 
 
 /// Products of at most this many rows go to the dot-product kernel in [`matmul_unpacked`]. Against
 /// faer, which packs `b` in every call: LSTM and GRU streaming steps (H = I = 64 and 256, two
-/// threads, medians in one process, in turns) took 0.52-0.66x the time at batch 3-4, 0.83-0.94x
+/// threads, medians in one process, in turns) took 0.51-0.66x the time at batch 3-4, 0.83-0.94x
 /// at batch 8, and 1.05-1.14x at batch 16.
 pub(crate) const UNPACKED_DOT_MAX_ROWS: usize = 8;
 
