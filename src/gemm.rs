@@ -265,9 +265,15 @@ pub fn matmul_unpacked<T: Float>(dst: MatMut<T>, accumulate: bool, a: Mat<T>, b:
         a.rows == dst.rows && b.cols == dst.cols && a.cols == b.rows,
         "matmul shapes"
     );
-    if dst.rows == 0 || dst.cols == 0 || dst.rows > UNPACKED_DOT_MAX_ROWS || !dot(&dst, accumulate, &a, &b) {
+    if dst.rows == 0 || dst.cols == 0 || !unpacked_by_dot::<T>(dst.rows) || !dot(&dst, accumulate, &a, &b) {
         matmul(dst, accumulate, a, b, 1);
     }
+}
+
+/// Whether [`matmul_unpacked`] multiplies `rows` row-major rows by the dot-product kernel, whose
+/// rounding of an output does not depend on how the outputs are cut.
+pub(crate) fn unpacked_by_dot<T: Float>(rows: usize) -> bool {
+    rows <= UNPACKED_DOT_MAX_ROWS && T::dot_kernel().is_some()
 }
 
 /// `dst (+)= a * b` by the dot-product kernel (shapes checked, none empty), if `a`, `dst` and

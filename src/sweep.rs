@@ -21,9 +21,7 @@
 use crate::buffers::{self, ToWrite};
 use crate::cells::{Bwd, Cell, CellKind, Fwd};
 use crate::error::{Error, Result};
-use crate::gemm::{
-    add_column_sums, matmul, matmul_packed, matmul_unpacked, Mat, MatMut, PackedB, UNPACKED_DOT_MAX_ROWS,
-};
+use crate::gemm::{add_column_sums, matmul, matmul_packed, matmul_unpacked, unpacked_by_dot, Mat, MatMut, PackedB};
 use crate::simd::{dispatch, prefetch, Float, Isa, Kernel};
 use crate::team;
 use rayon::prelude::*;
@@ -1545,7 +1543,7 @@ pub fn step<T: Float>(
     // output does not depend on how the outputs are cut: a step is cut only to be shared.
     // Otherwise the cut depends on the sizes alone, never on the thread count or the timing, and
     // so do the results.
-    let dot = batch <= UNPACKED_DOT_MAX_ROWS && T::dot_kernel().is_some();
+    let dot = unpacked_by_dot::<T>(batch);
     let min_bytes = if dot { STEP_SHARED_BYTES } else { STEP_CUT_BYTES };
     let share = burst && bytes >= min_bytes && crate::threads::get_num_threads() > 1;
     let cut = if dot { share } else { bytes >= min_bytes };
@@ -1557,12 +1555,12 @@ pub fn step<T: Float>(
 }
 
 /// From this many bytes of weights (all layers), streaming steps of up to
-/// [`UNPACKED_DOT_MAX_ROWS`] rows that come in a burst are cut into unit blocks that this thread
-/// and the kernel threads share, each thread reading its part of the weights from its own cache
-/// (from Python, LSTM H=256: 24 µs a step on 2 threads against 36 on 1, GRU 18 against 26; from
-/// Rust, LSTM H=128 at batch 4 and 8: 18.7 and 36.9 µs against 31.8 and 56.4). Smaller steps
-/// run whole on the calling thread: at H=64 a step takes a few microseconds, about what sharing
-/// it costs.
+/// [`crate::gemm::UNPACKED_DOT_MAX_ROWS`] rows that come in a burst are cut into unit blocks that
+/// this thread and the kernel threads share, each thread reading its part of the weights from its
+/// own cache (from Python, LSTM H=256: 24 µs a step on 2 threads against 36 on 1, GRU 18
+/// against 26; from Rust, LSTM H=128 at batch 4 and 8: 18.7 and 36.9 µs against 31.8 and 56.4).
+/// Smaller steps run whole on the calling thread: at H=64 a step takes a few microseconds, about
+/// what sharing it costs.
 const STEP_SHARED_BYTES: usize = 256 << 10;
 /// From this many bytes of weights, steps of more rows (faer's products) are always cut into
 /// unit blocks, shared by the threads when they come in a burst. At H=256 (1.5-2 MB of weights)
