@@ -45,9 +45,9 @@ pub trait Float:
             self
         }
     }
-    /// Columns of a packed GEMM panel (two AVX2 vectors; see `gemm::PackedB`).
+    /// Columns of a packed GEMM panel (two AVX2 vectors, one AVX-512 vector; see `gemm::PackedB`).
     const PANEL: usize;
-    /// The packed GEMM kernel, where the CPU (and `RNNKIT_SIMD`) allows AVX2+FMA.
+    /// The packed GEMM kernel, AVX-512 or AVX2+FMA, as the CPU (and `RNNKIT_SIMD`) allows.
     fn panel_kernel() -> Option<crate::gemm::PanelKernel<Self>>;
     /// The dot-product kernel of `gemm::matmul` for few-row products, under the same condition.
     fn dot_kernel() -> Option<crate::gemm::DotKernel<Self>>;
@@ -142,8 +142,10 @@ impl Float for f32 {
     const PANEL: usize = 16;
     fn panel_kernel() -> Option<crate::gemm::PanelKernel<Self>> {
         #[cfg(target_arch = "x86_64")]
-        if level() >= Level::Avx2 {
-            return Some(crate::gemm::panel_f32);
+        match level() {
+            Level::Avx512 => return Some(crate::gemm::panel_f32_512),
+            Level::Avx2 => return Some(crate::gemm::panel_f32),
+            Level::Scalar => {}
         }
         None
     }
@@ -185,8 +187,10 @@ impl Float for f64 {
     const PANEL: usize = 8;
     fn panel_kernel() -> Option<crate::gemm::PanelKernel<Self>> {
         #[cfg(target_arch = "x86_64")]
-        if level() >= Level::Avx2 {
-            return Some(crate::gemm::panel_f64);
+        match level() {
+            Level::Avx512 => return Some(crate::gemm::panel_f64_512),
+            Level::Avx2 => return Some(crate::gemm::panel_f64),
+            Level::Scalar => {}
         }
         None
     }
