@@ -397,7 +397,8 @@ fn forward_t<'py, T: Wrap>(
     } else {
         [d.seq_len, d.batch, nd * d.hidden]
     };
-    let y = PyArray3::<T>::zeros(py, yshape, false);
+    // SAFETY: the sweep writes every element of y (zeros past a sequence's length).
+    let y = unsafe { PyArray3::<T>::new(py, yshape, false) };
     let hn = PyArray3::<T>::zeros(py, [nd, d.batch, d.hidden], false);
     let cn = cell
         .has_c()
@@ -546,7 +547,8 @@ fn backward_t<'py, T: Wrap>(
     } else {
         [d.seq_len, d.batch, d.input]
     };
-    let dx = PyArray3::<T>::zeros(py, xshape, false);
+    // SAFETY: the backward sweep writes every element of dx (zeros past a sequence's length).
+    let dx = unsafe { PyArray3::<T>::new(py, xshape, false) };
     let dh0 = PyArray3::<T>::zeros(py, [nd, d.batch, d.hidden], false);
     let dc0 = layer
         .cell

@@ -62,6 +62,29 @@ def test_forward_matches_reference(cell, bidirectional, num_layers, pattern, bat
             assert np.all(yb[b, n:] == 0), f"outputs past length {n} of sequence {b} are not zero"
 
 
+@pytest.mark.parametrize("pattern", ["none", "mixed"])
+@pytest.mark.parametrize("cell", CELLS)
+def test_outputs_are_written_in_full(cell, pattern):
+    """y and dx are allocated without being cleared (the kernels write every element, zeros past
+    the lengths): over memory just freed from arrays of NaN, they come out the same as before."""
+    rng = np.random.default_rng(11)
+    batch, seq_len = 6, 9
+    layer = make_layer(cell, IN, H, 2, bidirectional=True, dtype=np.float64, seed=2)
+    x = rng.standard_normal((batch, seq_len, IN))
+    lengths = lengths_for(pattern, batch, seq_len, rng)
+    y, _ = layer(x, lengths=lengths)
+    dy = rng.standard_normal(y.shape)
+    dx, _ = layer.backward(dy)
+    for _ in range(3):
+        poison = [np.full(y.shape, np.nan) for _ in range(4)] + [np.full(x.shape, np.nan) for _ in range(4)]
+        del poison
+        y2, _ = layer(x, lengths=lengths)
+        dx2, _ = layer.backward(dy)
+        np.testing.assert_array_equal(y2, y)
+        np.testing.assert_array_equal(dx2, dx)
+    assert not np.isnan(y).any() and not np.isnan(dx).any()
+
+
 @pytest.mark.parametrize("cell", CELLS)
 def test_length_semantics_explicit(cell):
     """Zeros past the lengths; the final state is the state at each sequence's own last step (forward
