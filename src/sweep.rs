@@ -1487,7 +1487,7 @@ pub fn step<T: Float>(
     if nl == 0 {
         return Err(Error::Value("step needs the weights of at least one layer".into()));
     }
-    if batch == 0 || x.len() % batch != 0 {
+    if batch == 0 || !x.len().is_multiple_of(batch) {
         return Err(Error::Shape(format!(
             "x has {} elements, not a whole number of rows for batch {batch}",
             x.len()
