@@ -577,8 +577,8 @@ macro_rules! panel_kernel_512 {
             /// How many panel rows ahead each panel is fetched into L1. A group of three panels
             /// over k = 512 is 96 KB, more than L1, so every row block reads its panels from L2;
             /// fetched 32 rows (2 KB) ahead, LSTM inference at B=64, H=512 took 0.89-0.98x the
-            /// time without (four measurements in turns in one process, Ice Lake), 0.94-0.98x
-            /// at B=8, H=256; 16 and 64 rows ahead were no better on the whole.
+            /// time it took without (four measurements in turns in one process, Ice Lake), and
+            /// 0.94-0.98x at B=8, H=256; 16 and 64 rows ahead were no better on the whole.
             const PREFETCH: usize = 32;
 
             /// Rows `[0, MR)` of `a` times `NP` consecutive panels from `bp`, `w` columns left.
