@@ -258,7 +258,7 @@ pub(crate) const UNPACKED_DOT_MAX_ROWS: usize = 8;
 
 /// `dst (+)= a * b` on the calling thread, for a `b` used once, as a streaming step's weights:
 /// by the dot-product kernel, which reads `b` as it is, when `b` is a row-major matrix
-/// transposed (`x W^T`), `a` has at most [`UNPACKED_DOT_MAX_ROWS`] rows and the CPU has the
+/// transposed (`x W^T`), `a` has at most `UNPACKED_DOT_MAX_ROWS` (8) rows and the CPU has the
 /// kernel; by [`matmul`] otherwise.
 pub fn matmul_unpacked<T: Float>(dst: MatMut<T>, accumulate: bool, a: Mat<T>, b: Mat<T>) {
     assert!(
@@ -336,7 +336,7 @@ unsafe impl<T: Sync> Sync for PackedB<T> {}
 
 impl<T: Float> PackedB<T> {
     /// Pack the column blocks `parts` (all with the same row count), side by side, for products
-    /// of up to `max_rows` rows of `A`. Products of at most [`DOT_MAX_ROWS`] rows with blocks
+    /// of up to `max_rows` rows of `A`. Products of at most `DOT_MAX_ROWS` (2) rows with blocks
     /// whose columns are contiguous go to the dot-product kernel, which reads `B` as it is: then
     /// nothing is packed (packing had been 7.5% of a batch-1 LSTM sweep's profile).
     pub fn new(parts: Vec<Mat<T>>, max_rows: usize) -> Self {

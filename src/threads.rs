@@ -74,7 +74,7 @@ static CALLS: AtomicUsize = AtomicUsize::new(0);
 
 /// Run `f(threads)` on the kernel pool (with one thread, on the calling thread).
 ///
-/// Afterwards the pool's threads stay awake (yielding) for up to [`LINGER`] before rayon lets
+/// Afterwards the pool's threads stay awake (yielding) for up to `LINGER` before rayon lets
 /// them sleep, as OpenMP's and ONNX Runtime's pools do: a sleeping thread can take milliseconds
 /// to wake (1-4 ms on the 2-core VM of the README), longer than a whole call at batch 1, so
 /// without this the second core would sit out most of a stream of short calls (a training
