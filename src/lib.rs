@@ -20,4 +20,4 @@ mod python;
 pub use cells::CellKind;
 pub use error::{Error, Result};
 pub use sweep::{backward, forward, Dims, Grads, Layer, Layout, Tape, Weights};
-pub use threads::{get_num_threads, set_num_threads};
+pub use threads::{get_num_threads, set_num_threads, set_small_call_flops};

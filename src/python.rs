@@ -754,7 +754,8 @@ fn matmul_t<T: Wrap>(
         )));
     }
     let dst = MatMut::new(oa.as_slice_mut().expect("checked C-contiguous"), m, n, n.max(1));
-    py.detach(|| crate::threads::run(|threads| matmul(dst, accumulate, am, bm, threads)))?;
+    let flops = 2 * m * k * n;
+    py.detach(|| crate::threads::run(flops, |threads| matmul(dst, accumulate, am, bm, threads)))?;
     Ok(())
 }
 

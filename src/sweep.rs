@@ -169,6 +169,11 @@ impl Layer {
     fn rows(&self) -> usize {
         self.dims.seq_len * self.dims.batch
     }
+    /// Floating-point operations of a forward over every step (the two products; the backward
+    /// does about twice as many).
+    fn flops(&self) -> usize {
+        2 * self.rows() * (self.dims.input + self.dims.hidden) * self.gh() * self.directions
+    }
     /// The width of a row of [`DirTape::xh`]: x_t, then h_{t-1}.
     fn kept_width(&self) -> usize {
         self.dims.input + self.dims.hidden
@@ -454,7 +459,7 @@ pub fn forward<T: Float>(
         ));
     }
 
-    crate::threads::run(|threads| {
+    crate::threads::run(layer.flops(), |threads| {
         let plan = Plan::new(d.batch, d.seq_len, lengths);
         let prepared = cache.and_then(|c| c.get(layer, weights, plan.max_rows(), threads));
         crate::with_cell!(layer.cell, cell: C => forward_impl::<C, T>(cell, layer, x, weights, prepared, plan, h0, c0, lengths, y, hn, cn, train, threads))
@@ -1103,6 +1108,7 @@ pub fn backward<T: Float>(
         Ptr::new(s)
     });
     crate::threads::run(
+        2 * layer.flops(),
         |threads| crate::with_cell!(layer.cell, cell: C => backward_impl::<C, T>(cell, tape, weights, dy, dhn, dcn, dx, dh0, dc0, grads, dh_seq, threads)),
     )
 }

@@ -72,16 +72,49 @@ const LINGER: Duration = Duration::from_micros(1000);
 /// Kernel calls started so far: a lingering thread stops waiting when this changes.
 static CALLS: AtomicUsize = AtomicUsize::new(0);
 
-/// Run `f(threads)` on the kernel pool (with one thread, on the calling thread).
+/// Calls of fewer floating-point operations run on the calling thread alone: handing them to
+/// the pool and sharing their steps costs more than the second core gives back. Batch-1
+/// forwards over 100 steps, 2 threads, on the calling thread against the pool (in turns in one
+/// process, Ice Lake): RNN H=64 0.56x the time, H=96 0.78x, H=128 (6.6 million) 0.88x, GRU
+/// H=64 0.74x, LSTM H=64 0.81x; at 11-13 million (GRU H=96, RNN batch 2 H=128) they were level.
+/// Results do not depend on the thread count, so neither on this.
+const SMALL_CALL_FLOPS: usize = 8_000_000;
+
+/// The threshold of [`small_call_flops`], once read (`usize::MAX`: not yet).
+static SMALL_CALL: AtomicUsize = AtomicUsize::new(usize::MAX);
+
+/// Calls of fewer floating-point operations than this run on the calling thread alone:
+/// `RNNKIT_SMALL_CALL_FLOPS` (0: every call goes to the pool), else 8 million.
+pub fn small_call_flops() -> usize {
+    match SMALL_CALL.load(Ordering::Relaxed) {
+        usize::MAX => {
+            let n = std::env::var("RNNKIT_SMALL_CALL_FLOPS")
+                .ok()
+                .and_then(|v| v.trim().parse::<usize>().ok())
+                .unwrap_or(SMALL_CALL_FLOPS);
+            SMALL_CALL.store(n, Ordering::Relaxed);
+            n
+        }
+        n => n,
+    }
+}
+
+/// Set the threshold of [`small_call_flops`] (0: every call goes to the pool).
+pub fn set_small_call_flops(n: usize) {
+    SMALL_CALL.store(n, Ordering::Relaxed);
+}
+
+/// Run `f(threads)`, a call of about `flops` floating-point operations, on the kernel pool (with
+/// one thread, or under [`small_call_flops`], on the calling thread).
 ///
 /// Afterwards the pool's threads stay awake (yielding) for up to `LINGER` before rayon lets
 /// them sleep, as OpenMP's and ONNX Runtime's pools do: a sleeping thread can take milliseconds
 /// to wake (1-4 ms on the 2-core VM of the README), longer than a whole call at batch 1, so
 /// without this the second core would sit out most of a stream of short calls (a training
 /// step's forward and backward are two).
-pub fn run<R: Send>(f: impl FnOnce(usize) -> R + Send) -> Result<R, Error> {
+pub fn run<R: Send>(flops: usize, f: impl FnOnce(usize) -> R + Send) -> Result<R, Error> {
     let (threads, pool) = current()?;
-    if threads == 1 {
+    if threads == 1 || flops < small_call_flops() {
         // Nothing to share: run on the caller's thread, without waking a pool thread.
         let _mode = crate::simd::DenormalsFlushed::new();
         return Ok(f(1));
@@ -234,6 +267,19 @@ fn wait_until(done: impl Fn() -> bool) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// With two threads, a call under the small-call threshold runs on the calling thread and
+    /// one at or over it on the pool; with the threshold at 0, every call goes to the pool.
+    #[test]
+    fn small_calls_run_on_the_calling_thread() {
+        set_num_threads(2).unwrap();
+        let on_pool = |flops| run(flops, |_| rayon::current_thread_index().is_some()).unwrap();
+        set_small_call_flops(1000);
+        assert!(!on_pool(999));
+        assert!(on_pool(1000));
+        set_small_call_flops(0);
+        assert!(on_pool(0));
+    }
 
     /// The job runs on a pool thread and its result and writes through borrows reach the caller,
     /// for a job shorter than the spin, one within the yields and one past them (the caller

@@ -1,8 +1,15 @@
 from __future__ import annotations
 
-import numpy as np
-import pytest
-import rnnkit
+import os
+
+# Every kernel call goes to the thread pool, however small: the tests' problems are, and the
+# thread tests are there to exercise the pool (by default a call of under 8 million
+# floating-point operations runs on the calling thread, as with one thread). Read at the first call.
+os.environ["RNNKIT_SMALL_CALL_FLOPS"] = "0"
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import rnnkit  # noqa: E402
 
 
 @pytest.fixture
