@@ -1,9 +1,10 @@
 //! The kernel thread pool: its size (`set_num_threads`) and the denormal mode of its threads.
 //!
 //! Every kernel call runs inside this pool, so rayon work from the sweep and from the GEMM crate
-//! shares one set of threads (never more than `num_threads` busy at once); with one thread it runs
-//! on the caller's thread, with denormals flushed for the call only, so that the caller's thread
-//! keeps its floating-point mode either way.
+//! shares one set of threads (never more than `num_threads` busy at once); with one thread, and
+//! for calls too small to share ([`small_call_flops`]), it runs on the caller's thread, with
+//! denormals flushed for the call only, so that the caller's thread keeps its floating-point mode
+//! either way.
 
 use crate::error::Error;
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
@@ -279,6 +280,7 @@ mod tests {
         assert!(on_pool(1000));
         set_small_call_flops(0);
         assert!(on_pool(0));
+        set_small_call_flops(SMALL_CALL_FLOPS);
     }
 
     /// The job runs on a pool thread and its result and writes through borrows reach the caller,
