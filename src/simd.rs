@@ -151,8 +151,10 @@ impl Float for f32 {
     }
     fn dot_kernel() -> Option<crate::gemm::DotKernel<Self>> {
         #[cfg(target_arch = "x86_64")]
-        if level() >= Level::Avx2 {
-            return Some(crate::gemm::dot_f32);
+        match level() {
+            Level::Avx512 => return Some(crate::gemm::dot_f32_512),
+            Level::Avx2 => return Some(crate::gemm::dot_f32),
+            Level::Scalar => {}
         }
         None
     }

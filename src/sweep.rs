@@ -18,7 +18,7 @@
 //! each step as a team (`team.rs`), cut into blocks of hidden units. The two directions of a
 //! bidirectional layer run side by side.
 
-use crate::buffers::{self, ToWrite};
+use crate::buffers::{self, Aligned, ToWrite};
 use crate::cells::{Bwd, Cell, CellKind, Fwd};
 use crate::error::{Error, Result};
 use crate::gemm::{add_column_sums, matmul, matmul_packed, matmul_unpacked, unpacked_by_dot, Mat, MatMut, PackedB};
@@ -99,7 +99,7 @@ pub struct Tape<T: Float> {
     /// The x-order rows inside the sequences' lengths, when padding is worth skipping.
     valid: Option<Vec<usize>>,
     /// A copy of each direction's parameters, to refuse a backward with other ones.
-    weights: Vec<Vec<T>>,
+    weights: Vec<Aligned<T>>,
     c0: Option<Vec<T>>,
     dirs: Vec<DirTape<T>>,
 }
@@ -466,9 +466,10 @@ pub fn forward<T: Float>(
     })
 }
 
-/// One direction's parameters, concatenated.
-fn weights_copy<T: Float>(w: &Weights<'_, T>) -> Vec<T> {
-    [w.w_ih, w.w_hh, w.b_ih, w.b_hh].concat()
+/// One direction's parameters, concatenated (aligned: the batch-1 products read `w_hh` from the
+/// copy as it is).
+fn weights_copy<T: Float>(w: &Weights<'_, T>) -> Aligned<T> {
+    Aligned::concat(&[w.w_ih, w.w_hh, w.b_ih, w.b_hh])
 }
 
 /// Whether `w` equals the copy `kept`, bit for bit (so that a NaN parameter equals itself),
@@ -750,7 +751,7 @@ pub struct WeightCache<T> {
     /// The layer (cell, input and hidden sizes) the entries were made for.
     key: Option<(CellKind, usize, usize)>,
     /// Per direction, the weights' copy ([`weights_copy`]).
-    raw: Vec<Vec<T>>,
+    raw: Vec<Aligned<T>>,
     /// Per direction, what was prepared from `raw`. Its packed blocks point into `raw`, which is
     /// never changed while they live.
     prepared: Vec<Prepared<T>>,
@@ -771,7 +772,7 @@ impl<T: Float> WeightCache<T> {
                 + p.w_hh.iter().map(PackedB::packed_len).sum::<usize>()
                 + p.bias.iter().map(Vec::len).sum::<usize>()
         });
-        (self.raw.iter().map(Vec::len).sum::<usize>() + prepared.sum::<usize>()) * std::mem::size_of::<T>()
+        (self.raw.iter().map(|r| r.len()).sum::<usize>() + prepared.sum::<usize>()) * std::mem::size_of::<T>()
     }
 
     /// Drop the entries (the count of builds stays).

@@ -191,6 +191,8 @@ def test_parameters_structure(cell):
     for v in layer.params.values():
         assert v.dtype == np.float32
         assert np.all(np.abs(v) <= bound)
+        assert v.ctypes.data % 64 == 0, "parameters start on a cache line (the kernels' vector loads)"
+        assert v.flags.c_contiguous and v.flags.writeable
     allw = np.concatenate([v.ravel() for v in layer.params.values()])
     assert allw.min() < -0.8 * bound and allw.max() > 0.8 * bound  # spread over the whole range
     # state_dict round trip, and it is a copy

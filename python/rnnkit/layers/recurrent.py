@@ -20,6 +20,20 @@ Array = npt.NDArray[Any]
 State = Array | tuple[Array, Array]
 
 _PARAM_KINDS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+#: Bytes the parameter arrays are aligned to: a cache line, the widest vector load of the kernels.
+_ALIGN = 64
+
+
+def _aligned(a: Array) -> Array:
+    """A copy of ``a`` whose data starts on a 64-byte boundary. NumPy aligns to 16 bytes only,
+    and then the kernels' vector loads of the weight rows, which streaming steps and batch-1
+    sequences read as they are, each span two cache lines (an LSTM step at H=64 took 1.16x the
+    time, GRU at H=256 1.19x)."""
+    buf = np.empty(a.nbytes + _ALIGN, dtype=np.uint8)
+    start = -buf.ctypes.data % _ALIGN
+    out: Array = buf[start : start + a.nbytes].view(a.dtype).reshape(a.shape)
+    out[...] = a
+    return out
 
 
 class _Recurrent(Module):
@@ -68,7 +82,7 @@ class _Recurrent(Module):
                     shapes |= {"bias_ih": (gh,), "bias_hh": (gh,)}
                 for kind, shape in shapes.items():
                     w = self._rng.uniform(-bound, bound, size=shape)
-                    self.add_param(f"{kind}_l{layer}{sfx}", w.astype(self.dtype))
+                    self.add_param(f"{kind}_l{layer}{sfx}", _aligned(w.astype(self.dtype)))
         self._zero_bias = np.zeros(gh, dtype=self.dtype)
         self._tapes: list[Any] | None = None
         # Inference only: per stacked layer, the weights prepared for the kernels (the recurrent
