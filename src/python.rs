@@ -675,10 +675,12 @@ fn step_t<'py, T: Wrap>(
         None => None,
     };
     let (batch, nl) = (xshape[0], ws.len());
-    let h_out = PyArray3::<T>::zeros(py, [nl, batch, hidden], false);
+    // Not cleared: the step writes every element (or fails, and they are dropped).
+    // SAFETY: nothing reads them before the step has written them.
+    let h_out = unsafe { PyArray3::<T>::new(py, [nl, batch, hidden], false) };
     let c_out = cell
         .has_c()
-        .then(|| PyArray3::<T>::zeros(py, [nl, batch, hidden], false));
+        .then(|| unsafe { PyArray3::<T>::new(py, [nl, batch, hidden], false) });
     {
         // SAFETY: freshly created arrays that nothing else references yet.
         let ho = unsafe { h_out.as_slice_mut() }.expect("new array");

@@ -86,6 +86,25 @@ def test_outputs_are_written_in_full(cell, pattern):
 
 
 @pytest.mark.parametrize("cell", CELLS)
+def test_step_outputs_are_written_in_full(cell):
+    """step's new state is allocated without being cleared: over memory just freed from arrays of
+    NaN, it comes out the same as before."""
+    rng = np.random.default_rng(12)
+    layer = make_layer(cell, IN, H, 2, dtype=np.float64, seed=3)
+    x = rng.standard_normal((3, IN))
+    state = layer.step(x)[1]
+    y, new = layer.step(x, state)
+    for _ in range(3):
+        poison = [np.full(y.shape, np.nan) for _ in range(2)] + [np.full((2, 3, H), np.nan) for _ in range(4)]
+        del poison
+        y2, new2 = layer.step(x, state)
+        np.testing.assert_array_equal(y2, y)
+        for a, b in zip(*(s if isinstance(s, tuple) else (s,) for s in (new2, new)), strict=True):
+            np.testing.assert_array_equal(a, b)
+    assert not np.isnan(y).any()
+
+
+@pytest.mark.parametrize("cell", CELLS)
 def test_length_semantics_explicit(cell):
     """Zeros past the lengths; the final state is the state at each sequence's own last step (forward
     direction: the output at t = len - 1; reverse direction: the output at t = 0); each sequence

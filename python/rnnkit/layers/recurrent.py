@@ -183,12 +183,10 @@ class _Recurrent(Module):
             h, c = state
         else:
             h, c = state, None
-        # The kernel checks everything it is given. Only when it refuses (or x is not an array of
-        # the layer's dtype) are x and the state checked here: to convert x (a list, another
-        # dtype, a non-contiguous view) or to say what was wrong in the layer's own terms. This
-        # keeps the overhead of a step low.
-        if type(x) is not np.ndarray or x.dtype != self.dtype:
-            x = self._check_step_args(x, state)
+        # The kernel checks everything it is given (it refuses an x whose dtype is not the
+        # weights'). Only when it refuses are x and the state checked here: to convert x (a list,
+        # another dtype, a non-contiguous view) or to say what was wrong in the layer's own terms.
+        # This keeps the overhead of a step low.
         try:
             h_new, c_new = _core.step(self._cell, x, self._step_weights, h, c)
         except (TypeError, ValueError):
