@@ -902,7 +902,8 @@ impl<C: Cell, T: Float> Sweep<'_, C, T> {
         let active = active_rows(lens);
         let tiles = Tiles::new(n, self.units.len());
         let w = widest(self.units);
-        let scratch = || vec![T::ZERO; n * C::GATES * w];
+        // Aligned, as the packed kernel's 64-byte stores of the product land in it.
+        let scratch = || Aligned::zeroed(n * C::GATES * w);
         team::run(tiles.count(), members, lens[0], scratch, |scratch, j, s| {
             let (ub, r0, r1) = tiles.get(j, active[s]);
             if r0 < r1 {
@@ -1293,7 +1294,8 @@ impl<C: Cell, T: Float> Sweep<'_, C, T> {
         let ch = if C::HAS_C { h } else { 0 };
         let perm = &self.plan.perm[off..off + n];
         let lens = &self.plan.lens[off..off + n];
-        let mut dh = vec![T::ZERO; n * h];
+        // Aligned, as the packed kernel adds `dG W_hh` into it with 64-byte loads and stores.
+        let mut dh = Aligned::zeroed(n * h);
         let mut dc = vec![T::ZERO; n * ch];
         let mut dgh = [vec![T::ZERO; n * gh], vec![T::ZERO; n * gh]];
         for (r, &b) in perm.iter().enumerate() {
