@@ -891,6 +891,7 @@ unsafe fn lane_sums4_f64(a: &[std::arch::x86_64::__m256d], out: *mut f64) {
 /// half of the lanes onto the lower, then the upper half of those, ... (folding halves takes the
 /// fewest shuffles across 512-bit vectors); without (the AVX2 kernels'), adjacent lanes, then
 /// adjacent pairs of those, ...
+#[cfg(target_arch = "x86_64")]
 #[inline(always)]
 fn lane_tree<T: Float, const L: usize, const HALVES: bool>(mut lanes: [T; L]) -> T {
     let mut n = L;
