@@ -826,48 +826,26 @@ macro_rules! dot_kernel {
     };
 }
 
-/// The lane sums of eight f32 vectors, as one vector (lane r: the sum of `a[r]`).
+/// The lane sums of eight f32 vectors, stored at `out[0..8]` (`out[r]`: the sum of `a[r]`).
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn lane_sums_f32(a: &[std::arch::x86_64::__m256]) -> std::arch::x86_64::__m256 {
+unsafe fn lane_sums8_f32(a: &[std::arch::x86_64::__m256], out: *mut f32) {
     use std::arch::x86_64::*;
-    // SAFETY: AVX is enabled in the kernel that inlines this.
+    // SAFETY: AVX is enabled in the kernel that inlines this; `out` holds eight elements.
     unsafe {
         // Pairwise sums within 128-bit halves, twice: lanes (r0..r3 | r0..r3) of rows 0-3 and 4-7.
         let q0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
         let q1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
         // Low halves plus high halves.
-        _mm256_add_ps(
+        let sums = _mm256_add_ps(
             _mm256_permute2f128_ps(q0, q1, 0x20),
             _mm256_permute2f128_ps(q0, q1, 0x31),
-        )
+        );
+        _mm256_storeu_ps(out, sums);
     }
 }
 
-/// The lane sums of eight f32 vectors, stored at `out[0..8]`.
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-unsafe fn lane_sums8_f32(a: &[std::arch::x86_64::__m256], out: *mut f32) {
-    // SAFETY: as for `lane_sums_f32`; `out` holds eight elements.
-    unsafe { std::arch::x86_64::_mm256_storeu_ps(out, lane_sums_f32(a)) }
-}
-
-/// The lane sums of four f64 vectors, as one vector.
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-unsafe fn lane_sums_f64(a: &[std::arch::x86_64::__m256d]) -> std::arch::x86_64::__m256d {
-    use std::arch::x86_64::*;
-    // SAFETY: AVX is enabled in the kernel that inlines this.
-    unsafe {
-        let (h0, h1) = (_mm256_hadd_pd(a[0], a[1]), _mm256_hadd_pd(a[2], a[3]));
-        _mm256_add_pd(
-            _mm256_permute2f128_pd(h0, h1, 0x20),
-            _mm256_permute2f128_pd(h0, h1, 0x31),
-        )
-    }
-}
-
-/// The lane sums of four f32 vectors, stored at `out[0..4]`: the tree of [`lane_sums_f32`].
+/// The lane sums of four f32 vectors, stored at `out[0..4]`: the tree of [`lane_sums8_f32`].
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 unsafe fn lane_sums4_f32(a: &[std::arch::x86_64::__m256], out: *mut f32) {
@@ -883,8 +861,16 @@ unsafe fn lane_sums4_f32(a: &[std::arch::x86_64::__m256], out: *mut f32) {
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 unsafe fn lane_sums4_f64(a: &[std::arch::x86_64::__m256d], out: *mut f64) {
-    // SAFETY: as for `lane_sums_f64`; `out` holds four elements.
-    unsafe { std::arch::x86_64::_mm256_storeu_pd(out, lane_sums_f64(a)) }
+    use std::arch::x86_64::*;
+    // SAFETY: AVX is enabled in the kernel that inlines this; `out` holds four elements.
+    unsafe {
+        let (h0, h1) = (_mm256_hadd_pd(a[0], a[1]), _mm256_hadd_pd(a[2], a[3]));
+        let sums = _mm256_add_pd(
+            _mm256_permute2f128_pd(h0, h1, 0x20),
+            _mm256_permute2f128_pd(h0, h1, 0x31),
+        );
+        _mm256_storeu_pd(out, sums);
+    }
 }
 
 /// The sum of `lanes` by a fixed tree of adds: with `HALVES` (the AVX-512 kernel's), the upper

@@ -231,8 +231,8 @@ const SHORT_CALL_YIELD: Duration = Duration::from_millis(2);
 /// caller spins for [`SPIN`] (the end of a short job), then yields its core to the pool's threads
 /// until `yielding` ([`YIELD`], or [`SHORT_CALL_YIELD`] for short calls; spinning longer took a
 /// core from them: 181 against 115 µs for a 2-thread job of 110 µs), then sleeps until the job
-/// wakes it. A trivial job came back in 1.2 µs against 13 µs,
-/// a 2-thread job of 20 µs in 19 against 26 µs.
+/// wakes it. A trivial job came back in 1.2 µs against 13 µs, a 2-thread job of 20 µs in 19
+/// against 26 µs.
 fn on_pool<R: Send>(pool: &rayon::ThreadPool, yielding: Duration, f: impl FnOnce() -> R + Send) -> R {
     if pool.current_thread_index().is_some() {
         // Already on one of its threads: run here (waiting would hold up the thread the job may
@@ -265,8 +265,8 @@ fn on_pool<R: Send>(pool: &rayon::ThreadPool, yielding: Duration, f: impl FnOnce
     }
 }
 
-/// Wait for `done()` on the calling thread: spinning for [`SPIN`], yielding until [`YIELD`], then
-/// asleep, woken by an `unpark` of this thread from whatever makes `done()` true.
+/// Wait for `done()` on the calling thread: spinning for [`SPIN`], yielding until `yielding` has
+/// passed, then asleep, woken by an `unpark` of this thread from whatever makes `done()` true.
 fn wait_until(yielding: Duration, done: impl Fn() -> bool) {
     let start = Instant::now();
     while !done() {
