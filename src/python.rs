@@ -8,8 +8,8 @@ use crate::gemm::{matmul, Mat, MatMut};
 use crate::simd::Float;
 use crate::sweep::{self, Dims, Grads, Layer, Layout, Tape, WeightCache, Weights};
 use numpy::{
-    Element, PyArray3, PyArrayDescrMethods, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn, PyReadwriteArrayDyn,
-    PyUntypedArray, PyUntypedArrayMethods,
+    Element, PyArray2, PyArray3, PyArrayDescrMethods, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn,
+    PyReadwriteArrayDyn, PyUntypedArray, PyUntypedArrayMethods,
 };
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
@@ -635,43 +635,70 @@ fn fast_slice<'a, T: Element>(
     Err(value_err(format!("{} could not be read", name())))
 }
 
+/// Per layer, (weight_ih, weight_hh, bias_ih, bias_hh), as checked when the stepper was made.
+type StepArrays<T> = Vec<[Py<PyArrayDyn<T>>; 4]>;
+
+enum AnyStepArrays {
+    F32(StepArrays<f32>),
+    F64(StepArrays<f64>),
+}
+
+/// The arrays of `tuples` as arrays of `T`, each checked (dtype, dimensions, C order).
+fn step_arrays<T: Element>(tuples: &[[(Bound<'_, PyAny>, usize); 4]]) -> PyResult<StepArrays<T>> {
+    let mut out = Vec::with_capacity(tuples.len());
+    for (k, arrs) in tuples.iter().enumerate() {
+        let mut typed = Vec::with_capacity(4);
+        for ((a, nd), pname) in arrs.iter().zip(PARAM_NAMES) {
+            readonly::<T>(a, &format!("weights[{k}].{pname}"), *nd)?;
+            typed.push(a.cast::<PyArrayDyn<T>>()?.clone().unbind());
+        }
+        out.push(typed.try_into().map_err(|_| value_err("unreachable".into()))?);
+    }
+    Ok(out)
+}
+
+/// The slices of the stepper's arrays, and the hidden size, re-read at each step: the arrays
+/// stay the same objects, but their contents (and, in principle, their shapes) may change.
+fn step_weights<'a, T: Element>(py: Python<'a>, arrays: &'a StepArrays<T>) -> PyResult<(Vec<Weights<'a, T>>, usize)> {
+    let mut ws = Vec::with_capacity(arrays.len());
+    let mut hidden = 0;
+    for (k, arrs) in arrays.iter().enumerate() {
+        let mut views: [&[T]; 4] = [&[]; 4];
+        for ((view, a), pname) in views.iter_mut().zip(arrs).zip(PARAM_NAMES) {
+            let a = a.bind(py);
+            // SAFETY: as in `fast_slice`; the stepper keeps the array alive.
+            *view = unsafe { a.as_slice() }.map_err(|e| value_err(format!("weights[{k}].{pname}: {e}")))?;
+        }
+        let w_hh = arrs[1].bind(py);
+        if w_hh.ndim() != 2 {
+            return Err(value_err(format!("weights[{k}].weight_hh is no longer 2-D")));
+        }
+        hidden = w_hh.shape()[1];
+        let [w_ih, w_hh, b_ih, b_hh] = views;
+        ws.push(Weights { w_ih, w_hh, b_ih, b_hh });
+    }
+    Ok((ws, hidden))
+}
+
 /// Multiply-adds from which a step releases the GIL (below, releasing costs more than the step).
 const STEP_DETACH_MACS: usize = 1 << 18;
 
 fn step_t<'py, T: Wrap>(
     py: Python<'py>,
     cell: CellKind,
+    arrays: &StepArrays<T>,
     x: &Bound<'py, PyAny>,
-    weights: &Bound<'py, PyAny>,
     h: Option<&Bound<'py, PyAny>>,
     c: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<StepOut<'py>> {
     let (xs, xshape) = fast_slice::<T>(x, || "x".into(), 2)?;
-    let tuples = param_tuples(weights, "weights", |a, _, nd| Ok((a.clone(), nd)))?;
-    let mut ws = Vec::with_capacity(tuples.len());
-    let mut hidden = 0;
-    for (k, arrs) in tuples.iter().enumerate() {
-        let mut views = Vec::with_capacity(4);
-        for ((a, nd), pname) in arrs.iter().zip(PARAM_NAMES) {
-            views.push(fast_slice::<T>(a, || format!("weights[{k}].{pname}"), *nd)?);
-        }
-        hidden = views[1].1[1];
-        ws.push(Weights {
-            w_ih: views[0].0,
-            w_hh: views[1].0,
-            b_ih: views[2].0,
-            b_hh: views[3].0,
-        });
-    }
-    if ws.is_empty() {
-        return Err(value_err("weights must hold at least one layer".into()));
-    }
-    let hs = match h.filter(|o| !o.is_none()) {
-        Some(o) => Some(fast_slice::<T>(o, || "h".into(), 3)?.0),
+    let (ws, hidden) = step_weights(py, arrays)?;
+    let hs = match h {
+        Some(o) => Some(fast_slice::<T>(o, || if c.is_some() { "state[0] (h)" } else { "state" }.into(), 3)?.0),
         None => None,
     };
-    let cs = match c.filter(|o| !o.is_none()) {
-        Some(o) => Some(fast_slice::<T>(o, || "c".into(), 3)?.0),
+    let cs = match c {
+        Some(o) => Some(fast_slice::<T>(o, || "state[1] (c)".into(), 3)?.0),
         None => None,
     };
     let (batch, nl) = (xshape[0], ws.len());
@@ -681,6 +708,7 @@ fn step_t<'py, T: Wrap>(
     let c_out = cell
         .has_c()
         .then(|| unsafe { PyArray3::<T>::new(py, [nl, batch, hidden], false) });
+    let y = unsafe { PyArray2::<T>::new(py, [batch, hidden], false) };
     {
         // SAFETY: freshly created arrays that nothing else references yet.
         let ho = unsafe { h_out.as_slice_mut() }.expect("new array");
@@ -695,30 +723,106 @@ fn step_t<'py, T: Wrap>(
         } else {
             sweep::step(cell, xs, batch, hidden, &ws, hs, cs, ho, co)?;
         }
+        let last = &ho[(nl - 1) * batch * hidden..];
+        unsafe { y.as_slice_mut() }.expect("new array").copy_from_slice(last);
     }
-    Ok((h_out.into_any(), c_out.map(|a| a.into_any())))
+    let state = match c_out {
+        Some(c) => PyTuple::new(py, [h_out.into_any(), c.into_any()])?.into_any(),
+        None => h_out.into_any(),
+    };
+    Ok((y.into_any(), state))
 }
 
-type StepOut<'py> = (Bound<'py, PyAny>, Option<Bound<'py, PyAny>>);
+/// (y, state) of a step.
+type StepOut<'py> = (Bound<'py, PyAny>, Bound<'py, PyAny>);
 
-/// One time step of a stack of single-direction layers (streaming inference).
+/// The weights of a stack of single-direction layers, checked once, for streaming inference:
+/// `stepper(x, state)` runs one time step of every layer, with as little work per call beside
+/// the step's own as can be.
 ///
-/// `x` is (B, I), `weights` one 4-tuple per layer, `h` / `c` the state (L, B, H) or None for
-/// zeros. Returns the new `(h, c)`; the step's output is `h[-1]`. `c` is None unless LSTM.
-#[pyfunction]
-#[pyo3(signature = (cell, x, weights, h=None, c=None))]
-fn step<'py>(
-    py: Python<'py>,
-    cell: &str,
-    x: &Bound<'py, PyAny>,
-    weights: &Bound<'py, PyAny>,
-    h: Option<&Bound<'py, PyAny>>,
-    c: Option<&Bound<'py, PyAny>>,
-) -> PyResult<StepOut<'py>> {
-    let cell = parse_cell(cell)?;
-    match float_kind(x, "x")? {
-        "float32" => step_t::<f32>(py, cell, x, weights, h, c),
-        _ => step_t::<f64>(py, cell, x, weights, h, c),
+/// `weights` holds one 4-tuple (weight_ih, weight_hh, bias_ih, bias_hh) per layer; the stepper
+/// keeps these arrays and reads their current contents at each step. Pickling (and copying)
+/// gives a stepper over the pickled (copied) arrays.
+#[pyclass(module = "rnnkit._core", name = "Stepper", frozen)]
+pub struct PyStepper {
+    cell: CellKind,
+    /// The weights as given (for pickling).
+    weights: Py<PyAny>,
+    arrays: AnyStepArrays,
+}
+
+#[pymethods]
+impl PyStepper {
+    #[new]
+    fn new(cell: &str, weights: &Bound<'_, PyAny>) -> PyResult<Self> {
+        let kind = parse_cell(cell)?;
+        let tuples = param_tuples(weights, "weights", |a, _, nd| Ok((a.clone(), nd)))?;
+        let Some(first) = tuples.first() else {
+            return Err(value_err("weights must hold at least one layer".into()));
+        };
+        let arrays = match float_kind(&first[0].0, "weights[0].weight_ih")? {
+            "float32" => AnyStepArrays::F32(step_arrays(&tuples)?),
+            _ => AnyStepArrays::F64(step_arrays(&tuples)?),
+        };
+        let py = weights.py();
+        let input = first[0].0.cast::<PyUntypedArray>()?.shape()[1];
+        match &arrays {
+            AnyStepArrays::F32(a) => {
+                let (ws, hidden) = step_weights(py, a)?;
+                sweep::check_stack(kind, 1, input, hidden, &ws)?;
+            }
+            AnyStepArrays::F64(a) => {
+                let (ws, hidden) = step_weights(py, a)?;
+                sweep::check_stack(kind, 1, input, hidden, &ws)?;
+            }
+        }
+        Ok(PyStepper {
+            cell: kind,
+            weights: weights.clone().unbind(),
+            arrays,
+        })
+    }
+
+    /// One time step of every layer: `x` is (batch, input), `state` the state (layers, batch,
+    /// hidden) of every layer, a tuple (h, c) for LSTM (None: zeros). Returns `(y, state)`, y
+    /// (batch, hidden) being the last layer's new h. `x` and the state must have the weights'
+    /// dtype and be C-contiguous.
+    #[pyo3(signature = (x, state=None))]
+    fn __call__<'py>(&self, x: &Bound<'py, PyAny>, state: Option<&Bound<'py, PyAny>>) -> PyResult<StepOut<'py>> {
+        let py = x.py();
+        let (h, c) = match state.filter(|s| !s.is_none()) {
+            None => (None, None),
+            Some(s) if self.cell.has_c() => {
+                let pair = s.cast::<PyTuple>().map_err(|_| {
+                    PyTypeError::new_err(format!("state must be a tuple (h, c) for LSTM; got {}", type_name(s)))
+                })?;
+                if pair.len() != 2 {
+                    return Err(PyTypeError::new_err(format!(
+                        "state must be a tuple (h, c) for LSTM; got a tuple of {}",
+                        pair.len()
+                    )));
+                }
+                (Some(pair.get_item(0)?), Some(pair.get_item(1)?))
+            }
+            Some(s) => (Some(s.clone()), None),
+        };
+        match &self.arrays {
+            AnyStepArrays::F32(a) => step_t::<f32>(py, self.cell, a, x, h.as_ref(), c.as_ref()),
+            AnyStepArrays::F64(a) => step_t::<f64>(py, self.cell, a, x, h.as_ref(), c.as_ref()),
+        }
+    }
+
+    fn __reduce__<'py>(slf: &Bound<'py, Self>) -> (Bound<'py, pyo3::types::PyType>, (&'static str, Py<PyAny>)) {
+        let me = slf.get();
+        (slf.get_type(), (me.cell.name(), me.weights.clone_ref(slf.py())))
+    }
+
+    fn __repr__(&self) -> String {
+        let layers = match &self.arrays {
+            AnyStepArrays::F32(a) => a.len(),
+            AnyStepArrays::F64(a) => a.len(),
+        };
+        format!("<rnnkit Stepper {} x{layers}>", self.cell.name())
     }
 }
 
@@ -814,7 +918,6 @@ fn gates(cell: &str) -> PyResult<usize> {
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(forward, m)?)?;
     m.add_function(wrap_pyfunction!(backward, m)?)?;
-    m.add_function(wrap_pyfunction!(step, m)?)?;
     m.add_function(wrap_pyfunction!(py_matmul, m)?)?;
     m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
@@ -822,6 +925,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(gates, m)?)?;
     m.add_class::<PyTape>()?;
     m.add_class::<PyWeightCache>()?;
+    m.add_class::<PyStepper>()?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

@@ -237,8 +237,10 @@ impl Layer {
         }
         let (gh, i, h) = (self.gh(), self.dims.input, self.dims.hidden);
         for w in weights {
-            expect_len("weight_ih", w.w_ih.len(), gh * i, || format!("({gh}, {i})"))?;
+            // weight_hh first: the hidden size is read from it, so it is the one to name when its
+            // own two sizes disagree.
             expect_len("weight_hh", w.w_hh.len(), gh * h, || format!("({gh}, {h})"))?;
+            expect_len("weight_ih", w.w_ih.len(), gh * i, || format!("({gh}, {i})"))?;
             expect_len("bias_ih", w.b_ih.len(), gh, || format!("({gh},)"))?;
             expect_len("bias_hh", w.b_hh.len(), gh, || format!("({gh},)"))?;
         }
@@ -1475,6 +1477,39 @@ fn with_scratch<T: Float, R>(n: usize, f: impl FnOnce(&mut [T]) -> R) -> R {
     })
 }
 
+/// Check that `layers` are the weights of a stack of single-direction `cell` layers of `hidden`
+/// units whose first layer reads `input` features (layer k > 0 reads layer k-1's `hidden`), for
+/// steps of `batch` rows.
+pub fn check_stack<T>(
+    cell: CellKind,
+    batch: usize,
+    input: usize,
+    hidden: usize,
+    layers: &[Weights<'_, T>],
+) -> Result<()> {
+    if layers.is_empty() {
+        return Err(Error::Value("step needs the weights of at least one layer".into()));
+    }
+    for (k, w) in layers.iter().enumerate() {
+        let layer = Layer {
+            cell,
+            dims: Dims {
+                seq_len: 1,
+                batch,
+                input: if k == 0 { input } else { hidden },
+                hidden,
+            },
+            layout: Layout::TimeMajor,
+            directions: 1,
+        };
+        layer.check_dims()?;
+        layer
+            .check_weights(std::slice::from_ref(w))
+            .map_err(|e| Error::Shape(format!("layer {k}: {e}")))?;
+    }
+    Ok(())
+}
+
 /// One time step of a stack of single-direction layers, for streaming inference.
 ///
 /// `x` is (B, I), the state size is `hidden`; `layers[k]` the weights of layer k (layer k > 0 reads the h of layer k-1);
@@ -1493,9 +1528,6 @@ pub fn step<T: Float>(
     c_out: &mut [T],
 ) -> Result<()> {
     let nl = layers.len();
-    if nl == 0 {
-        return Err(Error::Value("step needs the weights of at least one layer".into()));
-    }
     if batch == 0 || !x.len().is_multiple_of(batch) {
         return Err(Error::Shape(format!(
             "x has {} elements, not a whole number of rows for batch {batch}",
@@ -1504,23 +1536,7 @@ pub fn step<T: Float>(
     }
     let input = x.len() / batch;
     let bh = batch * hidden;
-    for (k, w) in layers.iter().enumerate() {
-        let layer = Layer {
-            cell,
-            dims: Dims {
-                seq_len: 1,
-                batch,
-                input: if k == 0 { input } else { hidden },
-                hidden,
-            },
-            layout: Layout::TimeMajor,
-            directions: 1,
-        };
-        layer.check_dims()?;
-        layer
-            .check_weights(std::slice::from_ref(w))
-            .map_err(|e| Error::Shape(format!("layer {k}: {e}")))?;
-    }
+    check_stack(cell, batch, input, hidden, layers)?;
     let state = |name: &str, s: Option<&[T]>| match s {
         Some(s) => expect_len(name, s.len(), nl * bh, || format!("({nl}, {batch}, {hidden})")),
         None => Ok(()),

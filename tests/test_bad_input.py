@@ -327,6 +327,37 @@ def test_step_bad(cell):
         raises(TypeError, "state", layer.step, x, h.astype(np.int32))
 
 
+def test_stepper_bad():
+    """The stepper checks its weights once, when made, and refuses them if they are reshaped later."""
+    w = rnnkit.GRU(IN, H, seed=0)._weights(0)[0]
+    raises(ValueError, "at least one layer", _core.Stepper, "gru", [])
+    raises(ValueError, "cell", _core.Stepper, "gru2", [w])
+    raises(TypeError, "tuple", _core.Stepper, "gru", [list(w)])
+    raises(TypeError, r"weights\[0\]\.weight_ih", _core.Stepper, "gru", [(w[0].astype(np.int32), *w[1:])])
+    mixed = [(w[0], w[1].astype(np.float64), *w[2:])]
+    raises(TypeError, r"weights\[0\]\.weight_hh", _core.Stepper, "gru", mixed)
+    raises(ValueError, "weight_hh", _core.Stepper, "gru", [(w[0], w[1][:, :2].copy(), *w[2:])])
+    raises(ValueError, r"weight_hh.*\(20, 5\)", _core.Stepper, "lstm", [w])
+    raises(ValueError, r"weights\[0\]\.weight_hh", _core.Stepper, "gru", [(w[0], w[1].T, *w[2:])])
+    stepper = _core.Stepper("gru", [w])
+    x = np.zeros((B, IN), dtype=np.float32)
+    y, h = stepper(x)
+    assert y.shape == (B, H) and h.shape == (1, B, H)
+    raises(TypeError, "state must be a numpy array", stepper, x, (h,))
+    raises(TypeError, r"tuple \(h, c\)", _core.Stepper("lstm", rnnkit.LSTM(IN, H)._weights(0)), x, [h, h])
+    w[1].shape = (-1,)  # reshaped in place after the check
+    raises(ValueError, "weight_hh", stepper, x)
+    w[1].shape = (3 * H, H)
+    assert stepper(x)[0].shape == (B, H)
+
+
+def test_nonlinearity_is_fixed():
+    """forward and step both use the nonlinearity given at construction."""
+    layer = rnnkit.RNN(IN, H, nonlinearity="relu")
+    assert layer.nonlinearity == "relu"
+    raises(AttributeError, "", setattr, layer, "nonlinearity", "tanh")
+
+
 @pytest.mark.parametrize("cell", CELLS)
 def test_step_converts_x(cell):
     """A list, another float dtype or a strided view give the same step as a contiguous array."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import pickle
 import zlib
 
 import numpy as np
@@ -289,6 +291,25 @@ def test_step_matches_forward(cell, dtype):
             np.testing.assert_allclose(a, b, **TOL[dtype])
     with pytest.raises(ValueError, match="bidirectional"):
         make_layer(cell, IN, H, bidirectional=True).step(x[:, 0])
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_step_of_copies_and_pickles_reads_their_own_weights(cell):
+    """A copied or unpickled layer steps with its own parameters (its stepper is rebuilt over the
+    copied arrays), and changing them leaves the original's steps alone."""
+    rng = np.random.default_rng(9)
+    layer = make_layer(cell, IN, H, 2, dtype=np.float64, seed=2).eval()
+    x = rng.standard_normal((B, IN))
+    want, _ = layer.step(x)
+    for twin in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+        y, _ = twin.step(x)
+        np.testing.assert_array_equal(y, want)
+        twin.params["weight_hh_l1"][:] = 0.0
+        twin.params["weight_ih_l1"][:] = 0.0
+        y0, _ = twin.step(x)
+        np.testing.assert_allclose(y0, twin(x[:, None])[0][:, 0], rtol=1e-12, atol=1e-12)
+        assert not np.allclose(y0, want)
+    np.testing.assert_array_equal(layer.step(x)[0], want)
 
 
 @pytest.mark.parametrize("cell", CELLS)

@@ -11,7 +11,6 @@ _Params = list[tuple[_Array, _Array, _Array, _Array]]
 __all__ = [
     "forward",
     "backward",
-    "step",
     "matmul",
     "set_num_threads",
     "get_num_threads",
@@ -19,6 +18,7 @@ __all__ = [
     "gates",
     "Tape",
     "WeightCache",
+    "Stepper",
     "__version__",
 ]
 
@@ -45,6 +45,18 @@ class WeightCache:
     def nbytes(self) -> int: ...
     def clear(self) -> None: ...
     def __reduce__(self) -> tuple[type[WeightCache], tuple[()]]: ...
+
+@final
+class Stepper:
+    """The weights of a stack of single-direction layers, checked once, for streaming
+    inference: ``stepper(x, state)`` runs one time step of every layer and returns ``(y, state)``.
+    It reads the arrays' current contents at each step."""
+
+    def __init__(self, cell: str, weights: _Params) -> None: ...
+    def __call__(
+        self, x: _Array, state: _Array | tuple[_Array, _Array] | None = None
+    ) -> tuple[_Array, _Array | tuple[_Array, _Array]]: ...
+    def __reduce__(self) -> tuple[type[Stepper], tuple[str, _Params]]: ...
 
 def forward(
     cell: str,
@@ -76,13 +88,6 @@ def matmul(
     trans_b: bool = False,
     accumulate: bool = False,
 ) -> None: ...
-def step(
-    cell: str,
-    x: _Array,
-    weights: _Params,
-    h: _Array | None = None,
-    c: _Array | None = None,
-) -> tuple[_Array, _Array | None]: ...
 def set_num_threads(n: int) -> None: ...
 def get_num_threads() -> int: ...
 def simd_level() -> str: ...

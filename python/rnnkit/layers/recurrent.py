@@ -90,8 +90,12 @@ class _Recurrent(Module):
         # call, so a change in place is never missed. Dropped in training mode.
         self._caches: list[Any] | None = None
         # The parameter arrays are never replaced (Module.params copies into them), so step's
-        # per-layer weight tuples can be built once.
-        self._step_weights = [self._weights(k)[0] for k in range(self.num_layers)]
+        # weights are checked once, here, and each step reads their current contents.
+        self._stepper = (
+            None
+            if self.bidirectional
+            else _core.Stepper(self._cell, [self._weights(k)[0] for k in range(self.num_layers)])
+        )
         self._masks: list[Array | None] = []
         #: Set True to keep dL/dh_t of every step in :attr:`hidden_grads` at each backward.
         self.retain_hidden_grads = False
@@ -165,36 +169,27 @@ class _Recurrent(Module):
             state: the state from :meth:`initial_state` or the previous step (None: zeros).
 
         Returns:
-            ``(y, state)``: y is (batch, hidden_size), the last layer's output at this step, and
-            the new state. The same as running :meth:`forward` over the steps one by one.
+            ``(y, state)``: y is (batch, hidden_size), the last layer's output at this step (a
+            new array), and the new state. The same as running :meth:`forward` over the steps one
+            by one.
 
         A step runs on the calling thread. For layers with 256 KB of weights or more at batch
         1-8, or 1 MB or more at larger batches, steps that follow each other closely (under 0.2 ms
         apart) are shared with the kernel threads (see :func:`rnnkit.set_num_threads`); the
         results are the same on any number of threads.
         """
-        if self.bidirectional:
+        stepper = self._stepper
+        if stepper is None:
             raise ValueError("step runs forward in time only; a bidirectional layer needs the whole sequence")
-        if state is None:
-            h, c = None, None
-        elif self._has_c:
-            if not isinstance(state, tuple) or len(state) != 2:
-                raise TypeError("state must be a tuple (h, c) for LSTM")
-            h, c = state
-        else:
-            h, c = state, None
-        # The kernel checks everything it is given (it refuses an x whose dtype is not the
+        # The stepper checks everything it is given (it refuses an x whose dtype is not the
         # weights'). Only when it refuses are x and the state checked here: to convert x (a list,
         # another dtype, a non-contiguous view) or to say what was wrong in the layer's own terms.
         # This keeps the overhead of a step low.
         try:
-            h_new, c_new = _core.step(self._cell, x, self._step_weights, h, c)
+            return stepper(x, state)
         except (TypeError, ValueError):
             x = self._check_step_args(x, state)  # raises what was wrong, in the layer's terms,
-            h_new, c_new = _core.step(self._cell, x, self._step_weights, h, c)  # or made x contiguous
-        if c_new is not None:
-            return h_new[-1], (h_new, c_new)
-        return h_new[-1], h_new
+            return stepper(x, state)  # or made x contiguous
 
     # ------------------------------------------------------------------ argument checks
 
@@ -386,12 +381,17 @@ class RNN(_Recurrent):
     ) -> None:
         if nonlinearity not in ("tanh", "relu"):
             raise ValueError(f"nonlinearity must be 'tanh' or 'relu'; got {nonlinearity!r}")
-        self.nonlinearity = nonlinearity
+        self._nonlinearity = nonlinearity
         super().__init__(input_size, hidden_size, num_layers, **kwargs)
 
     @property
+    def nonlinearity(self) -> str:
+        """'tanh' or 'relu' (fixed at construction)."""
+        return self._nonlinearity
+
+    @property
     def _cell(self) -> str:
-        return f"rnn_{self.nonlinearity}"
+        return f"rnn_{self._nonlinearity}"
 
 
 class LSTM(_Recurrent):
