@@ -301,15 +301,6 @@ fn dot<T: Float>(dst: &MatMut<T>, accumulate: bool, a: &Mat<T>, b: &Mat<T>) -> b
     true
 }
 
-/// `out[j] += sum_i m[i][j]` over the rows of a row-major `rows x cols` matrix.
-pub fn add_column_sums<T: Float>(out: &mut [T], m: &[T], cols: usize) {
-    for row in m.chunks_exact(cols) {
-        for (o, &v) in out.iter_mut().zip(row) {
-            *o += v;
-        }
-    }
-}
-
 /// A matrix `B` (k x n) packed once for the many products `A * B` that share it: the recurrent
 /// weights, multiplied by the state at every time step of a sweep. The GEMM crates repack `B`
 /// inside every call, which at one step per call costs as much as the product for small batches.

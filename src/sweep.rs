@@ -21,7 +21,7 @@
 use crate::buffers::{self, Aligned, ToWrite};
 use crate::cells::{Bwd, Cell, CellKind, Fwd};
 use crate::error::{Error, Result};
-use crate::gemm::{add_column_sums, matmul, matmul_packed, matmul_unpacked, unpacked_by_dot, Mat, MatMut, PackedB};
+use crate::gemm::{matmul, matmul_packed, matmul_unpacked, unpacked_by_dot, Mat, MatMut, PackedB};
 use crate::simd::{dispatch, prefetch, Float, Isa, Kernel};
 use crate::team;
 use rayon::prelude::*;
@@ -1117,6 +1117,31 @@ pub fn backward<T: Float>(
     )
 }
 
+/// Columns of the gate gradients per block of [`add_bias_grads`].
+const BIAS_COLS: usize = 256;
+
+/// `b_ih += ` the column sums of `dgx` and `b_hh += ` those of `dgh` (the same sums when `dgh` is
+/// None, the two sides sharing the gate gradients): one pass over each, the columns cut into
+/// fixed blocks that the threads share (so that the sums do not depend on the thread count).
+fn add_bias_grads<T: Float>(g: &mut Grads<'_, T>, dgx: &[T], dgh: Option<&[T]>, gh: usize, threads: usize) {
+    let blocks: Vec<_> = g.b_ih.chunks_mut(BIAS_COLS).zip(g.b_hh.chunks_mut(BIAS_COLS)).collect();
+    map_items(blocks, threads, |j, (bi, bh)| {
+        let w = bi.len();
+        let sums = |m: &[T]| {
+            let mut s = [T::ZERO; BIAS_COLS];
+            for row in m.chunks_exact(gh) {
+                let row = &row[j * BIAS_COLS..][..w];
+                s.iter_mut().zip(row).for_each(|(a, &b)| *a += b);
+            }
+            s
+        };
+        let sx = sums(dgx);
+        bi.iter_mut().zip(&sx).for_each(|(a, &b)| *a += b);
+        let sh = dgh.map_or(sx, sums);
+        bh.iter_mut().zip(&sh).for_each(|(a, &b)| *a += b);
+    });
+}
+
 #[allow(clippy::too_many_arguments)]
 fn backward_impl<C: Cell, T: Float>(
     cell: C,
@@ -1237,8 +1262,7 @@ fn backward_impl<C: Cell, T: Float>(
             }
             buffers::give(both);
         }
-        add_column_sums(g.b_ih, &dgx, gh);
-        add_column_sums(g.b_hh, dgh, gh);
+        add_bias_grads(g, &dgx, C::SPLIT_DGH.then_some(dgh), gh, threads);
         buffers::give(dgh_all);
         dgx
     });
