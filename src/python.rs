@@ -230,8 +230,8 @@ impl PyTape {
             .try_lock()
             .map_err(|_| value_err("this tape is in use by another backward call".into()))?;
         match guard.as_ref() {
-            Some(AnyTape::F32(t)) => t.check_weights(&weights_of(&borrow_params::<f32>(weights, "weights")?))?,
-            Some(AnyTape::F64(t)) => t.check_weights(&weights_of(&borrow_params::<f64>(weights, "weights")?))?,
+            Some(AnyTape::F32(t)) => t.check_weights(&weights_of(&borrow_params::<f32>(weights, "weights")?), 1)?,
+            Some(AnyTape::F64(t)) => t.check_weights(&weights_of(&borrow_params::<f64>(weights, "weights")?), 1)?,
             None => return Err(value_err("backward was already run for this forward".into())),
         }
         Ok(())

@@ -129,14 +129,14 @@ impl<T: Float> Tape<T> {
         &self.layer
     }
 
-    /// Refuse parameters other than the ones the forward pass used: their gradients would be
-    /// those of a computation that never ran.
-    pub fn check_weights(&self, weights: &[Weights<'_, T>]) -> Result<()> {
+    /// Refuse parameters other than the ones the forward pass used (compared on up to `threads`
+    /// threads): their gradients would be those of a computation that never ran.
+    pub fn check_weights(&self, weights: &[Weights<'_, T>], threads: usize) -> Result<()> {
         self.layer.check_weights(weights)?;
         if weights
             .iter()
             .zip(&self.weights)
-            .any(|(w, kept)| !same_weights(w, kept))
+            .any(|(w, kept)| !same_weights(w, kept, threads))
         {
             return Err(Error::Value(
                 "the parameters changed between this forward and its backward (update them after \
@@ -468,24 +468,63 @@ pub fn forward<T: Float>(
     })
 }
 
+/// Elements per piece of the weights that the threads copy or compare.
+const WEIGHT_PIECE: usize = 16 << 10;
+
+/// One direction's parameters in pieces of at most [`WEIGHT_PIECE`], in order, each paired with
+/// its place in a concatenated copy of length `len`; None if the parameters do not have `len`
+/// elements in all.
+fn pieces<'a, T, K>(w: &Weights<'a, T>, mut kept: K, len: usize) -> Option<Vec<(&'a [T], K)>>
+where
+    K: Split,
+{
+    let parts = [w.w_ih, w.w_hh, w.b_ih, w.b_hh];
+    if parts.iter().map(|p| p.len()).sum::<usize>() != len {
+        return None;
+    }
+    let mut out = Vec::new();
+    for piece in parts.into_iter().flat_map(|p| p.chunks(WEIGHT_PIECE)) {
+        let (head, tail) = kept.split(piece.len());
+        out.push((piece, head));
+        kept = tail;
+    }
+    Some(out)
+}
+
+/// A slice that [`pieces`] cuts (shared or mutable).
+trait Split: Sized {
+    fn split(self, at: usize) -> (Self, Self);
+}
+impl<T> Split for &[T] {
+    fn split(self, at: usize) -> (Self, Self) {
+        self.split_at(at)
+    }
+}
+impl<T> Split for &mut [T] {
+    fn split(self, at: usize) -> (Self, Self) {
+        self.split_at_mut(at)
+    }
+}
+
 /// One direction's parameters, concatenated (aligned: the batch-1 products read `w_hh` from the
-/// copy as it is).
-fn weights_copy<T: Float>(w: &Weights<'_, T>) -> Aligned<T> {
-    Aligned::concat(&[w.w_ih, w.w_hh, w.b_ih, w.b_hh])
+/// copy as it is), copied by the threads piece by piece (a 1.5 MB copy on one thread had been 2%
+/// of LSTM training at batch 8).
+fn weights_copy<T: Float>(w: &Weights<'_, T>, threads: usize) -> Aligned<T> {
+    let len = w.w_ih.len() + w.w_hh.len() + w.b_ih.len() + w.b_hh.len();
+    let mut out = Aligned::zeroed(len);
+    let items = pieces(w, &mut out[..], len).expect("the length is the parameters'");
+    map_items(items, threads, |_, (piece, to)| to.copy_from_slice(piece));
+    out
 }
 
 /// Whether `w` equals the copy `kept`, bit for bit (so that a NaN parameter equals itself),
-/// compared as bytes (a `memcmp`, several times faster than element by element).
-fn same_weights<T: Float>(w: &Weights<'_, T>, kept: &[T]) -> bool {
-    let parts = [w.w_ih, w.w_hh, w.b_ih, w.b_hh];
-    if parts.iter().map(|p| p.len()).sum::<usize>() != kept.len() {
-        return false;
-    }
-    let mut rest = kept;
-    parts.iter().all(|p| {
-        let (head, tail) = rest.split_at(p.len());
-        rest = tail;
-        as_bytes(p) == as_bytes(head)
+/// compared as bytes (a `memcmp`, several times faster than element by element), by the threads
+/// piece by piece.
+fn same_weights<T: Float>(w: &Weights<'_, T>, kept: &[T], threads: usize) -> bool {
+    pieces(w, kept, kept.len()).is_some_and(|items| {
+        map_items(items, threads, |_, (piece, k)| as_bytes(piece) == as_bytes(k))
+            .into_iter()
+            .all(|same| same)
     })
 }
 
@@ -670,7 +709,7 @@ fn forward_impl<C: Cell, T: Float>(
         layer: *layer,
         plan,
         valid,
-        weights: weights.iter().map(weights_copy).collect(),
+        weights: weights.iter().map(|w| weights_copy(w, threads)).collect(),
         c0: c0.map(<[T]>::to_vec),
         dirs: dirs.into_iter().flatten().collect(),
     })
@@ -802,10 +841,13 @@ impl<T: Float> WeightCache<T> {
         let key = Some((layer.cell, d.input, d.hidden));
         let same = self.key == key
             && self.raw.len() == weights.len()
-            && weights.iter().zip(&self.raw).all(|(w, raw)| same_weights(w, raw));
+            && weights
+                .iter()
+                .zip(&self.raw)
+                .all(|(w, raw)| same_weights(w, raw, threads));
         if !same {
             self.clear();
-            self.raw = weights.iter().map(weights_copy).collect();
+            self.raw = weights.iter().map(|w| weights_copy(w, threads)).collect();
             let units = unit_blocks(d.hidden);
             let (gh, g) = (layer.gh(), layer.cell.gates());
             self.prepared = self
@@ -1053,17 +1095,6 @@ pub fn backward<T: Float>(
     let layer = tape.layer;
     let (d, nd) = (layer.dims, layer.directions);
     layer.check_weights(weights)?;
-    if weights
-        .iter()
-        .zip(&tape.weights)
-        .any(|(w, kept)| !same_weights(w, kept))
-    {
-        return Err(Error::Value(
-            "the parameters changed between this forward and its backward (update them after backward, \
-             or run forward again)"
-                .into(),
-        ));
-    }
     expect_len("dy", dy.len(), layer.rows() * nd * d.hidden, || {
         layer.seq_shape(nd * d.hidden)
     })?;
@@ -1111,10 +1142,13 @@ pub fn backward<T: Float>(
         s.fill(T::ZERO); // padded steps are never written
         Ptr::new(s)
     });
-    crate::threads::run(
-        2 * layer.flops(),
-        |threads| crate::with_cell!(layer.cell, cell: C => backward_impl::<C, T>(cell, tape, weights, dy, dhn, dcn, dx, dh0, dc0, grads, dh_seq, threads)),
-    )
+    crate::threads::run(2 * layer.flops(), |threads| {
+        // Before anything is written (the weights' comparison is the longest of the checks, and
+        // runs on the threads).
+        tape.check_weights(weights, threads)?;
+        crate::with_cell!(layer.cell, cell: C => backward_impl::<C, T>(cell, tape, weights, dy, dhn, dcn, dx, dh0, dc0, grads, dh_seq, threads));
+        Ok(())
+    })?
 }
 
 /// Columns of the gate gradients per block of [`add_bias_grads`].
@@ -1254,12 +1288,18 @@ fn backward_impl<C: Cell, T: Float>(
                 );
                 both.written()
             };
-            let rows = g.w_ih.chunks_exact_mut(d.input).zip(g.w_hh.chunks_exact_mut(h));
-            for ((wi, wh), from) in rows.zip(both.chunks_exact(ldk)) {
-                let (fi, fh) = from.split_at(d.input);
-                wi.iter_mut().zip(fi).for_each(|(a, &b)| *a += b);
-                wh.iter_mut().zip(fh).for_each(|(a, &b)| *a += b);
-            }
+            // Added back by the threads, in blocks of rows.
+            const ROWS: usize = 64;
+            let blocks = g.w_ih.chunks_mut(ROWS * d.input).zip(g.w_hh.chunks_mut(ROWS * h));
+            let blocks: Vec<_> = blocks.zip(both.chunks(ROWS * ldk)).collect();
+            map_items(blocks, threads, |_, ((wi, wh), from)| {
+                let rows = wi.chunks_exact_mut(d.input).zip(wh.chunks_exact_mut(h));
+                for ((wi, wh), from) in rows.zip(from.chunks_exact(ldk)) {
+                    let (fi, fh) = from.split_at(d.input);
+                    wi.iter_mut().zip(fi).for_each(|(a, &b)| *a += b);
+                    wh.iter_mut().zip(fh).for_each(|(a, &b)| *a += b);
+                }
+            });
             buffers::give(both);
         }
         add_bias_grads(g, &dgx, C::SPLIT_DGH.then_some(dgh), gh, threads);

@@ -626,6 +626,22 @@ def test_core_backward_twice_and_eval_tape():
     raises(TypeError, "", _core.backward, tape, W, y, grads=zero_grads(W))
 
 
+def test_backward_sees_a_change_in_any_piece_of_large_weights(two_threads):
+    """Weights of more than one piece (16384 elements) are copied and compared piece by piece,
+    on the threads: a change in any piece is refused."""
+    x = np.ones((2, 3, 96))
+    for where in [(0, 0), (200, 50), (-1, -1)]:  # weight_ih_l0 (384 x 96): pieces 1, 2 and 3
+        layer = rnnkit.LSTM(96, 96, dtype=np.float64, seed=0)
+        y, _ = layer(x)
+        w = layer.params["weight_ih_l0"]
+        saved = w[where]
+        w[where] += 1e-3
+        with pytest.raises(ValueError, match="parameters changed between this forward and its backward"):
+            layer.backward(np.ones_like(y))
+        w[where] = saved
+        layer.backward(np.ones_like(y))
+
+
 @pytest.mark.parametrize("cell", ["rnn_tanh", "lstm", "gru"])
 def test_backward_refuses_parameters_changed_since_forward(cell):
     """Gradients of a forward with other weights would be silently wrong: refused, and the tape

@@ -101,6 +101,20 @@ def test_weights_changed_in_place_are_seen(cell):
     assert builds(layer) == [3 * ONE, 3 * ONE]
 
 
+def test_a_change_in_any_piece_of_large_weights_is_seen(two_threads):
+    """The cache's copy is made and compared piece by piece (16384 elements), on the threads."""
+    rng = np.random.default_rng(10)
+    layer = rnnkit.LSTM(96, 96, dtype=np.float64, seed=1).eval()
+    x = rng.standard_normal((4, 5, 96))
+    before = assert_same(layer, x)
+    for where in [(0, 0), (200, 50), (-1, -1)]:  # weight_ih_l0 (384 x 96): pieces 1, 2 and 3
+        layer.params["weight_ih_l0"][where] += 0.5
+        after = assert_same(layer, x)
+        assert not np.array_equal(after, before)
+        before = after
+    assert builds(layer) == [4 * ONE]
+
+
 def test_training_mode_frees_the_caches_and_eval_makes_them_again():
     rng = np.random.default_rng(5)
     layer = rnnkit.LSTM(IN, H, num_layers=2, seed=3)
