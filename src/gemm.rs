@@ -360,6 +360,11 @@ impl<T: Float> PackedB<T> {
         PackedB { parts, k, n, data }
     }
 
+    /// The columns of the blocks side by side.
+    pub fn cols(&self) -> usize {
+        self.n
+    }
+
     /// The elements packed (none when the products read the blocks as they are).
     pub fn packed_len(&self) -> usize {
         self.data.len()

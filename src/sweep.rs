@@ -639,16 +639,10 @@ fn forward_impl<C: Cell, T: Float>(
             }
         };
         let mut xw_buf = buffers::take(nrows * gh);
-        // SAFETY: the view covers the vector's capacity, which `matmul` fills without reading it
-        // (no accumulation), so every element is written before the length takes it in.
+        // SAFETY: the projection fills the vector's capacity without reading it, so every element
+        // is written before the length takes it in.
         unsafe {
-            matmul(
-                MatMut::from_raw(xw_buf.as_mut_ptr(), nrows, gh, gh),
-                false,
-                Mat::new(&xs, nrows, d.input, d.input),
-                Mat::new(&prep.w_ih, gh, d.input, d.input).t(),
-                threads,
-            );
+            project_inputs(Ptr(xw_buf.as_mut_ptr()), &xs, nrows, d.input, gh, prep, threads);
             xw_buf.set_len(nrows * gh);
         }
         let every = plan.full(d.seq_len);
@@ -745,8 +739,13 @@ fn by_unit_block<T: Float>(m: &[T], gates: usize, h: usize, cols: usize, units: 
 /// What a forward sweep derives from one direction's weights before its time loop. Its packed
 /// blocks read `w_hh` where it was when they were made (see [`PackedB`]).
 pub struct Prepared<T> {
-    /// W_ih's rows unit block by unit block ([`by_unit_block`]), so that the input projection's
-    /// columns come that way and each block of a step reads its gates' inputs as one piece.
+    /// W_ih transposed and packed, the input projection's columns unit block by unit block, in
+    /// groups of [`PROJ_COLS`], when the recurrent products are packed too (see
+    /// [`project_inputs`]); else empty.
+    w_ih_packed: Vec<PackedB<T>>,
+    /// Otherwise W_ih's rows unit block by unit block ([`by_unit_block`]), for one GEMM.
+    /// Either way the input projection's columns come unit block by unit block, so that each
+    /// block of a step reads its gates' inputs as one piece.
     w_ih: Vec<T>,
     /// See [`Sweep::w_hh`].
     w_hh: Vec<PackedB<T>>,
@@ -774,12 +773,96 @@ impl<T: Float> Prepared<T> {
         })
         .into_iter()
         .unzip();
+        let pack_ih = PackedB::<T>::packs(max_rows, true) && gates * h >= PROJ_MIN_COLS;
+        // W_ih's row of each of the projection's columns, unit block by unit block.
+        let order: Vec<usize> = units
+            .iter()
+            .flat_map(|&(u0, u1)| (0..gates).flat_map(move |g| (u0..u1).map(move |u| g * h + u)))
+            .collect();
+        let groups: Vec<&[usize]> = if pack_ih {
+            order.chunks(PROJ_COLS).collect()
+        } else {
+            Vec::new()
+        };
+        let w_ih_packed = map_items(groups, threads, |_, cols| {
+            // The group's columns as runs of consecutive rows of W_ih.
+            let mut parts = Vec::new();
+            let mut i = 0;
+            while i < cols.len() {
+                let len = (1..cols.len() - i)
+                    .find(|&l| cols[i + l] != cols[i] + l)
+                    .unwrap_or(cols.len() - i);
+                parts.push(Mat::new(&w.w_ih[cols[i] * input..], len, input, input).t());
+                i += len;
+            }
+            PackedB::new(parts, PROJ_ROWS)
+        });
         Prepared {
-            w_ih: by_unit_block(w.w_ih, gates, h, input, units),
+            w_ih: if pack_ih {
+                Vec::new()
+            } else {
+                by_unit_block(w.w_ih, gates, h, input, units)
+            },
+            w_ih_packed,
             w_hh,
             bias,
         }
     }
+}
+
+/// Rows of `x` and columns of the packed W_ih per task of [`project_inputs`]: a block of x
+/// (64 x I) and a group of W_ih (I x 192) stay in L2 together, and 192 columns are a whole
+/// number of the AVX-512 kernel's three-panel blocks in f32 and f64 (with unit blocks instead,
+/// an RNN's 64 columns, four panels, left one of them to the slow single-panel block: RNN B=64
+/// inference took 1.13x the time of faer's GEMM).
+const PROJ_ROWS: usize = 64;
+const PROJ_COLS: usize = 192;
+/// The fewest columns (G*H) whose input projection goes to the packed kernel. Inference at B=64
+/// (I=H=512) in turns against faer's GEMM, one process, 2 threads: LSTM (2048 columns) 0.93x the
+/// time, GRU (1536) 0.955x, RNN (512) 1.05x; at B=8 (I=128, H=256: 1024, 768 and 256 columns)
+/// 0.985-1.00x.
+const PROJ_MIN_COLS: usize = 1024;
+
+/// `xw = x W_ih^T` for the `nrows` rows of `x` (each `input` wide), into `xw` (nrows x gh), its
+/// columns unit block by unit block. With W_ih packed, the packed kernel runs each ([`PROJ_COLS`]
+/// columns, [`PROJ_ROWS`] rows) task on the threads, column groups outermost so that a thread's
+/// tasks in a row share their group of the weights. Otherwise one GEMM over W_ih's reordered
+/// rows.
+///
+/// # Safety
+/// `xw` must point to `nrows * gh` elements that no one else touches meanwhile.
+#[allow(clippy::too_many_arguments)]
+unsafe fn project_inputs<T: Float>(
+    xw: Ptr<T>,
+    x: &[T],
+    nrows: usize,
+    input: usize,
+    gh: usize,
+    prep: &Prepared<T>,
+    threads: usize,
+) {
+    if prep.w_ih_packed.is_empty() {
+        let dst = unsafe { MatMut::from_raw(xw.0, nrows, gh, gh) };
+        matmul(
+            dst,
+            false,
+            Mat::new(x, nrows, input, input),
+            Mat::new(&prep.w_ih, gh, input, input).t(),
+            threads,
+        );
+        return;
+    }
+    let parts = nrows.div_ceil(PROJ_ROWS);
+    let tasks: Vec<_> = (0..prep.w_ih_packed.len())
+        .flat_map(|g| (0..parts).map(move |p| (g, p)))
+        .collect();
+    map_items(tasks, threads, |_, (g, p)| {
+        let (b, r0, j0) = (&prep.w_ih_packed[g], p * PROJ_ROWS, g * PROJ_COLS);
+        let m = PROJ_ROWS.min(nrows - r0);
+        // SAFETY: this task alone writes rows [r0, r0 + m) of the group's columns.
+        let dst = unsafe { MatMut::from_raw(xw.at(r0 * gh + j0).0, m, b.cols(), gh) };
+        matmul_packed(dst, false, Mat::new(&x[r0 * input..], m, input, input), b);
+    });
 }
 
 /// One layer's [`Prepared`] weights kept from one inference forward to the next, with a copy of
@@ -810,6 +893,7 @@ impl<T: Float> WeightCache<T> {
     pub fn nbytes(&self) -> usize {
         let prepared = self.prepared.iter().map(|p| {
             p.w_ih.len()
+                + p.w_ih_packed.iter().map(PackedB::packed_len).sum::<usize>()
                 + p.w_hh.iter().map(PackedB::packed_len).sum::<usize>()
                 + p.bias.iter().map(Vec::len).sum::<usize>()
         });

@@ -87,6 +87,21 @@ def test_outputs_are_written_in_full(cell, pattern):
     assert not np.isnan(y).any() and not np.isnan(dx).any()
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("pattern", ["none", "mixed"])
+@pytest.mark.parametrize(("cell", "hidden"), [("lstm", 260), ("gru", 350)])
+def test_wide_input_projection_matches_reference(cell, hidden, pattern, dtype):
+    """From 1024 gate columns (and 3 sequences) the input projection runs on the packed kernel in
+    tasks of 64 rows and 192 columns: sizes that cut neither evenly (90 rows, 1040 and 1050
+    columns, unit blocks of 72 and 88 that straddle the column groups, 7 inputs), bidirectional,
+    with and without lengths, against the reference."""
+    rng = np.random.default_rng(hidden)
+    layer = make_layer(cell, 7, hidden, 1, bidirectional=True, dtype=dtype, seed=3)
+    x = rng.standard_normal((3, 30, 7)).astype(dtype)
+    state = random_state(rng, layer, 3, dtype)
+    check_against_reference(layer, x, state, lengths_for(pattern, 3, 30, rng), dtype)
+
+
 @pytest.mark.parametrize("cell", CELLS)
 def test_step_outputs_are_written_in_full(cell):
     """step's new state is allocated without being cleared: over memory just freed from arrays of
