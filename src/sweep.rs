@@ -737,7 +737,7 @@ fn by_unit_block<T: Float>(m: &[T], gates: usize, h: usize, cols: usize, units: 
 }
 
 /// What a forward sweep derives from one direction's weights before its time loop. Its packed
-/// blocks read `w_hh` where it was when they were made (see [`PackedB`]).
+/// blocks keep views of the weights where they were when they were made (see [`PackedB`]).
 pub struct Prepared<T> {
     /// W_ih transposed and packed, the input projection's columns unit block by unit block, in
     /// groups of [`PROJ_COLS`], when the recurrent products are packed too (see
@@ -831,7 +831,6 @@ const PROJ_MIN_COLS: usize = 1024;
 ///
 /// # Safety
 /// `xw` must point to `nrows * gh` elements that no one else touches meanwhile.
-#[allow(clippy::too_many_arguments)]
 unsafe fn project_inputs<T: Float>(
     xw: Ptr<T>,
     x: &[T],
