@@ -764,17 +764,14 @@ impl PyStepper {
             "float32" => AnyStepArrays::F32(step_arrays(&tuples)?),
             _ => AnyStepArrays::F64(step_arrays(&tuples)?),
         };
-        let py = weights.py();
         let input = first[0].0.cast::<PyUntypedArray>()?.shape()[1];
+        fn check<T: Element>(py: Python<'_>, kind: CellKind, input: usize, a: &StepArrays<T>) -> PyResult<()> {
+            let (ws, hidden) = step_weights(py, a)?;
+            Ok(sweep::check_stack(kind, 1, input, hidden, &ws)?)
+        }
         match &arrays {
-            AnyStepArrays::F32(a) => {
-                let (ws, hidden) = step_weights(py, a)?;
-                sweep::check_stack(kind, 1, input, hidden, &ws)?;
-            }
-            AnyStepArrays::F64(a) => {
-                let (ws, hidden) = step_weights(py, a)?;
-                sweep::check_stack(kind, 1, input, hidden, &ws)?;
-            }
+            AnyStepArrays::F32(a) => check(weights.py(), kind, input, a)?,
+            AnyStepArrays::F64(a) => check(weights.py(), kind, input, a)?,
         }
         Ok(PyStepper {
             cell: kind,
