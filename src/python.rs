@@ -858,7 +858,7 @@ fn matmul_t<T: Wrap>(
     }
     let dst = MatMut::new(oa.as_slice_mut().expect("checked C-contiguous"), m, n, n.max(1));
     let flops = 2 * m * k * n;
-    py.detach(|| crate::threads::run(flops, |threads| matmul(dst, accumulate, am, bm, threads)))?;
+    py.detach(|| crate::threads::run(flops, false, |threads| matmul(dst, accumulate, am, bm, threads)))?;
     Ok(())
 }
 

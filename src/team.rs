@@ -42,7 +42,13 @@ struct Team {
 }
 
 /// Run `work(scratch, block, step)` for every block of every step, steps in order, on up to
-/// `members` threads of the current rayon pool. `init` makes each member's scratch.
+/// `members` threads. `init` makes each member's scratch.
+///
+/// Called from a thread of the kernel pool, the members are that pool's threads. Called from
+/// outside it, the calling thread is member 0 and starts at once, with no hand-off to the pool
+/// and back to wait for, and the pool's threads join as helpers (see
+/// [`crate::threads::with_caller`]): for calls short enough that the hand-offs would count, and
+/// so that no third thread (a caller waiting for the pool) competes with the members for the cores.
 pub fn run<S>(
     blocks: usize,
     members: usize,
@@ -54,22 +60,11 @@ pub fn run<S>(
     let member = |p: usize| team.member(p, steps, &mut init(), &work);
     if team.members == 1 {
         member(0);
-    } else {
+    } else if rayon::current_thread_index().is_some() {
         (0..team.members).into_par_iter().for_each(member);
+    } else {
+        crate::threads::with_caller(team.members, &member);
     }
-}
-
-/// [`run`] from a thread outside the kernel pool, on up to all of its threads: the calling thread
-/// is member 0 and starts at once, with no hand-off to the pool and back to wait for (see
-/// [`crate::threads::with_caller`]); for work short enough that those would count.
-pub fn run_from_caller<S>(
-    blocks: usize,
-    steps: usize,
-    init: impl Fn() -> S + Sync,
-    work: impl Fn(&mut S, usize, usize) + Sync,
-) -> Result<(), crate::error::Error> {
-    let team = Team::new(blocks, crate::threads::get_num_threads());
-    crate::threads::with_caller(team.members, &|p| team.member(p, steps, &mut init(), &work))
 }
 
 /// Marks the team failed if dropped during a panic.
@@ -151,10 +146,12 @@ mod tests {
 
     /// Every block of every step runs once, after every block of the previous step, with one
     /// member, with as many members as blocks, with more members than blocks, and with more
-    /// members than the pool has threads.
+    /// members than the pool has threads; from a thread of the pool, and led from outside it
+    /// (with the kernel pool's two threads as helpers).
     #[test]
     fn blocks_run_once_in_step_order() {
-        for (blocks, members, threads) in [
+        crate::threads::set_num_threads(2).unwrap();
+        let cases = [
             (1, 1, 1),
             (3, 1, 1),
             (4, 2, 2),
@@ -162,12 +159,14 @@ mod tests {
             (2, 5, 5),
             (7, 3, 3),
             (4, 4, 1),
-        ] {
+        ];
+        for ((blocks, members, threads), led) in cases.into_iter().flat_map(|c| [(c, false), (c, true)]) {
             let steps = 50;
             let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
             let log = Mutex::new(Vec::new());
             let finished: Vec<AtomicUsize> = (0..blocks).map(|_| AtomicUsize::new(0)).collect();
-            pool.install(|| {
+            let install = |f: &(dyn Fn() + Sync)| if led { f() } else { pool.install(f) };
+            install(&|| {
                 run(
                     blocks,
                     members,
@@ -185,27 +184,39 @@ mod tests {
             let mut log = log.into_inner().unwrap();
             log.sort_unstable();
             let want: Vec<_> = (0..steps).flat_map(|s| (0..blocks).map(move |j| (s, j))).collect();
-            assert_eq!(log, want, "blocks={blocks} members={members} threads={threads}");
+            assert_eq!(
+                log, want,
+                "blocks={blocks} members={members} threads={threads} led={led}"
+            );
         }
     }
 
-    /// A panicking block reaches the caller instead of leaving the other members waiting.
+    /// A panicking block reaches the caller instead of leaving the other members waiting, from a
+    /// thread of the pool and led from outside it.
     #[test]
     fn a_panic_ends_the_team() {
+        crate::threads::set_num_threads(2).unwrap();
         let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
-        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            pool.install(|| {
+        for (led, failing) in [(false, 0), (false, 1), (true, 0), (true, 1)] {
+            let team = || {
                 run(
                     2,
                     2,
                     100,
                     || (),
                     |_, j, s| {
-                        assert!(!(j == 1 && s == 10), "boom");
+                        assert!(!(j == failing && s == 10), "boom");
                     },
                 )
-            })
-        }));
-        assert!(result.is_err());
+            };
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                if led {
+                    team()
+                } else {
+                    pool.install(team)
+                }
+            }));
+            assert!(result.is_err(), "led={led} failing={failing}");
+        }
     }
 }

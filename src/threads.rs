@@ -113,12 +113,19 @@ pub fn set_small_call_flops(n: usize) {
 /// to wake (1-4 ms on the 2-core VM of the README), longer than a whole call at batch 1, so
 /// without this the second core would sit out most of a stream of short calls (a training
 /// step's forward and backward are two).
-pub fn run<R: Send>(flops: usize, f: impl FnOnce(usize) -> R + Send) -> Result<R, Error> {
+///
+/// With `led`, `f(threads)` runs on the calling thread whatever its size, for a call whose only
+/// parallel parts are teams (`team.rs`), which then take the caller as their first member and
+/// the pool's threads as helpers: no hand-off to the pool and back, and no third thread, a
+/// caller waiting for the pool, competing with the team for the cores.
+pub fn run<R: Send>(flops: usize, led: bool, f: impl FnOnce(usize) -> R + Send) -> Result<R, Error> {
     let (threads, pool) = current()?;
-    if threads == 1 || flops < small_call_flops() {
-        // Nothing to share: run on the caller's thread, without waking a pool thread.
+    let shared = threads > 1 && flops >= small_call_flops();
+    if !shared || led {
+        // Nothing to share, or teams led from here: run on the caller's thread, without waking
+        // a pool thread for the call itself.
         let _mode = crate::simd::DenormalsFlushed::new();
-        return Ok(f(1));
+        return Ok(f(if shared { threads } else { 1 }));
     }
     let call = CALLS.fetch_add(1, Ordering::Relaxed) + 1;
     let yielding = if flops < SHORT_CALL_FLOPS {
@@ -159,13 +166,17 @@ struct Helper {
 /// back is waited for: the caller starts at once, and a helper that has not started by the time
 /// the caller's part returns is cancelled, so `work` must get everything done whichever of the
 /// members 1.. run (as the members of a team in `team.rs` do, each taking what the others have not).
-pub fn with_caller(members: usize, work: &(dyn Fn(usize) + Sync)) -> Result<(), Error> {
-    let (threads, pool) = current()?;
+/// Without a pool (its threads could not start), the caller does all the work as member 0.
+pub fn with_caller(members: usize, work: &(dyn Fn(usize) + Sync)) {
     let _mode = crate::simd::DenormalsFlushed::new(); // as on the pool's threads
+    let Ok((threads, pool)) = current() else {
+        work(0);
+        return;
+    };
     let helpers: Vec<Arc<Helper>> = (1..members.min(threads)).map(|_| Arc::default()).collect();
     if helpers.is_empty() {
         work(0);
-        return Ok(());
+        return;
     }
     let call = CALLS.fetch_add(1, Ordering::Relaxed) + 1;
     // SAFETY: a helper calls `work` only after moving its state from PENDING to RUNNING, and the
@@ -203,9 +214,8 @@ pub fn with_caller(members: usize, work: &(dyn Fn(usize) + Sync)) -> Result<(), 
     let theirs = helpers
         .iter()
         .find_map(|h| h.panic.lock().unwrap_or_else(|e| e.into_inner()).take());
-    match (mine, theirs) {
-        (Err(panic), _) | (Ok(()), Some(panic)) => resume_unwind(panic),
-        (Ok(()), None) => Ok(()),
+    if let Some(panic) = mine.err().or(theirs) {
+        resume_unwind(panic);
     }
 }
 
@@ -220,7 +230,8 @@ const YIELD: Duration = Duration::from_micros(50);
 /// for GRU training (calls left unchanged moved by up to 9% in the same runs). Longer calls
 /// sleep after [`YIELD`]: yielding through every call, those of a few milliseconds (GRU at batch
 /// 8) had taken 0.99-1.13x the time, the caller taking turns on the cores with the two threads
-/// of the call's team.
+/// of the call's team. (Batch-1 and 2 forwards have since been led by the caller instead, see
+/// `led_by_caller` in `sweep.rs`: 0.82-0.85x the time again for LSTM and GRU inference.)
 const SHORT_CALL_FLOPS: usize = 200_000_000;
 const SHORT_CALL_YIELD: Duration = Duration::from_millis(2);
 
@@ -286,17 +297,21 @@ fn wait_until(yielding: Duration, done: impl Fn() -> bool) {
 mod tests {
     use super::*;
 
-    /// With two threads, a call under the small-call threshold runs on the calling thread and
-    /// one at or over it on the pool; with the threshold at 0, every call goes to the pool.
+    /// With two threads, a call under the small-call threshold runs on the calling thread with
+    /// one thread, and one at or over it on the pool with two; with the threshold at 0, every
+    /// call goes to the pool. A led call runs on the calling thread, with two threads from the
+    /// threshold.
     #[test]
     fn small_calls_run_on_the_calling_thread() {
         set_num_threads(2).unwrap();
-        let on_pool = |flops| run(flops, |_| rayon::current_thread_index().is_some()).unwrap();
+        let on_pool = |flops, led| run(flops, led, |t| (rayon::current_thread_index().is_some(), t)).unwrap();
         set_small_call_flops(1000);
-        assert!(!on_pool(999));
-        assert!(on_pool(1000));
+        assert_eq!(on_pool(999, false), (false, 1));
+        assert_eq!(on_pool(1000, false), (true, 2));
+        assert_eq!(on_pool(999, true), (false, 1));
+        assert_eq!(on_pool(1000, true), (false, 2));
         set_small_call_flops(0);
-        assert!(on_pool(0));
+        assert_eq!(on_pool(0, false), (true, 2));
         set_small_call_flops(SMALL_CALL_FLOPS);
     }
 
@@ -343,8 +358,7 @@ mod tests {
                     assert_ne!(std::thread::current().id(), caller);
                 }
                 runs[p].fetch_add(1, Ordering::SeqCst);
-            })
-            .unwrap();
+            });
             let seen = runs.each_ref().map(|r| r.load(Ordering::SeqCst));
             std::thread::sleep(Duration::from_millis(20));
             let later = runs.each_ref().map(|r| r.load(Ordering::SeqCst));

@@ -88,6 +88,36 @@ def test_one_thread_equals_two_threads(cell, batch, hidden, dtype, num_threads):
                 np.testing.assert_array_equal(a, b, err_msg=msg)
 
 
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("cell", CELLS)
+def test_calls_led_by_the_caller_same_on_1_2_4_threads(cell, batch, bidirectional, num_threads):
+    """Forwards of one or two rows a step run on the calling thread, which leads the sweeps'
+    teams (and the directions' turns) with the kernel threads as helpers, each team's first step
+    making the input projection by blocks of hidden units. With H=136 (two unit blocks), one
+    direction on 2 or 4 threads and two directions on 4 have teams of two, two directions on 2
+    threads one thread each: every way gives the reference's outputs and the same bits, and the
+    backward after it too."""
+    rng = np.random.default_rng(batch)
+    layer = make_layer(cell, 24, 136, 2, bidirectional=bidirectional, batch_first=True, dtype=np.float64, seed=4)
+    x = rng.standard_normal((batch, 30, 24))
+    state = random_state(rng, layer, batch)
+    dy = rng.standard_normal((batch, 30, layer.num_directions * 136))
+    dstate = random_state(rng, layer, batch, scale=1.0)
+    lengths = np.array([27, 30][:batch])
+    h0, c0 = split_state(state)
+    ry, rhn, _ = reference_forward(cell, layer.params, x, h0=h0, c0=c0, lengths=lengths)
+    results = {}
+    for threads in (1, 2, 4):
+        num_threads(threads)
+        results[threads] = run(layer, x, state, lengths, dy, dstate)
+        np.testing.assert_allclose(results[threads][0][1], ry, rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(results[threads][1][1], rhn, rtol=1e-10, atol=1e-12)
+    for threads in (2, 4):
+        for (name, a), (_, b) in zip(results[1], results[threads], strict=True):
+            np.testing.assert_array_equal(a, b, err_msg=f"{name} on {threads} threads")
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("batch", [1, 2, 3, 8, 9])
 @pytest.mark.parametrize("cell", CELLS)
