@@ -99,7 +99,9 @@ def test_calls_led_by_the_caller_same_on_1_2_4_threads(cell, batch, bidirectiona
     threads one thread each: every way gives the reference's outputs and the same bits, and the
     backward after it too."""
     rng = np.random.default_rng(batch)
-    layer = make_layer(cell, 24, 136, 2, bidirectional=bidirectional, batch_first=True, dtype=np.float64, seed=4)
+    layer = make_layer(
+        cell, 24, 136, 2, bidirectional=bidirectional, batch_first=True, dtype=np.float64, seed=4
+    )
     x = rng.standard_normal((batch, 30, 24))
     state = random_state(rng, layer, batch)
     dy = rng.standard_normal((batch, 30, layer.num_directions * 136))

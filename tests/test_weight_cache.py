@@ -173,7 +173,9 @@ def test_batch_of_one_keeps_an_aligned_copy_of_misaligned_weights(cell, dtype):
         assert cache.builds == builds * ONE, offset
     weights[0][1][3] *= 0.5  # a change in place is seen
     got = _core.forward(layer._cell, x, weights, None, None, None, True, False, cache)[0]
-    np.testing.assert_array_equal(got, _core.forward(layer._cell, x, weights, None, None, None, True, False)[0])
+    np.testing.assert_array_equal(
+        got, _core.forward(layer._cell, x, weights, None, None, None, True, False)[0]
+    )
     assert not np.array_equal(got, want)
     assert cache.builds == 2 * ONE
 

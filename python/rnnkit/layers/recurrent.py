@@ -7,6 +7,7 @@ dropout and keeps the parameters.
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import numpy as np
@@ -104,6 +105,18 @@ class _Recurrent(Module):
         #: recurrence; zero at padded steps). Its norm over t shows vanishing or exploding gradients.
         self.hidden_grads: list[Array] = []
         self._in_shape: tuple[int, ...] = ()
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _Recurrent:
+        """A deep copy whose parameter arrays start on 64 bytes, as the original's do (NumPy's
+        copies would not). Arrays already copied in the same ``deepcopy`` call (by an optimizer
+        copied beside the layer, before it) are kept as they are, so that the copies still share
+        them."""
+        for a in self._params.values():
+            memo.setdefault(id(a), _aligned(a))
+        twin = self.__class__.__new__(self.__class__)
+        memo[id(self)] = twin
+        twin.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return twin
 
     # ------------------------------------------------------------------ structure
 
