@@ -129,8 +129,11 @@ pub struct Aligned<T> {
 }
 
 impl<T: Float> Aligned<T> {
-    /// `len` zeros.
+    /// `len` zeros (none allocated for 0: nothing is loaded from an empty buffer).
     pub fn zeroed(len: usize) -> Self {
+        if len == 0 {
+            return Aligned { v: Vec::new(), off: 0, len };
+        }
         let pad = ALIGN / std::mem::size_of::<T>();
         let v = vec![T::ZERO; len + pad];
         let off = v.as_ptr().align_offset(ALIGN).min(pad);
@@ -155,15 +158,18 @@ impl<T> std::ops::DerefMut for Aligned<T> {
 mod tests {
     use super::*;
 
-    /// An aligned buffer starts on a 64-byte boundary and holds what it was made of.
+    /// An aligned buffer starts on a 64-byte boundary and holds what it was made of; an empty
+    /// one allocates nothing.
     #[test]
     fn aligned_buffers_start_on_a_cache_line() {
-        for n in [0, 1, 3, 1000, 100_000] {
+        for n in [1, 3, 1000, 100_000] {
             let a = Aligned::<f32>::zeroed(n);
             assert_eq!(a.len(), n);
             assert_eq!(a.as_ptr() as usize % ALIGN, 0, "f32 x {n}");
             assert!(a.iter().all(|&v| v == 0.0));
         }
+        let empty = Aligned::<f32>::zeroed(0);
+        assert_eq!((empty.len(), empty.v.capacity()), (0, 0));
         let b = Aligned::<f64>::zeroed(7);
         assert_eq!(b.as_ptr() as usize % ALIGN, 0);
         assert!(b.iter().all(|&v| v == 0.0));
