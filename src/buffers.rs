@@ -132,7 +132,11 @@ impl<T: Float> Aligned<T> {
     /// `len` zeros (none allocated for 0: nothing is loaded from an empty buffer).
     pub fn zeroed(len: usize) -> Self {
         if len == 0 {
-            return Aligned { v: Vec::new(), off: 0, len };
+            return Aligned {
+                v: Vec::new(),
+                off: 0,
+                len,
+            };
         }
         let pad = ALIGN / std::mem::size_of::<T>();
         let v = vec![T::ZERO; len + pad];

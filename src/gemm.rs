@@ -36,7 +36,7 @@ unsafe impl<T: Send> Send for MatMut<T> {}
 
 impl<T> Mat<T> {
     /// Columns `[j0, j0 + w)` (no copy).
-    fn cols_at(&self, j0: usize, w: usize) -> Self {
+    pub(crate) fn cols_at(&self, j0: usize, w: usize) -> Self {
         Mat {
             ptr: self.ptr.wrapping_offset(j0 as isize * self.cs),
             cols: w,
@@ -78,7 +78,7 @@ impl<T> Mat<T> {
 
 impl<T> MatMut<T> {
     /// Columns `[j0, j0 + w)`, a view of its own (the caller hands disjoint blocks out).
-    fn cols_at(&self, j0: usize, w: usize) -> Self {
+    pub(crate) fn cols_at(&self, j0: usize, w: usize) -> Self {
         MatMut {
             ptr: self.ptr.wrapping_offset(j0 as isize * self.cs),
             rows: self.rows,

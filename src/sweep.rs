@@ -1040,15 +1040,18 @@ impl<'a, T: Copy> InputProj<'a, T> {
 }
 
 /// Sweeps of at most this many rows a step (batch 1 and 2, whose recurrent products read the
-/// weights as they are) are led by the calling thread: it runs the call, and the sweeps' teams
-/// take it as their first member with the pool's threads as helpers (see `team.rs`), instead of
-/// handing the whole call to the pool and waiting. Their input projection is made by the teams
-/// too, at their first step, each block its own unit block's columns from W_ih as it is (see
-/// [`Projection`]), so that nothing else in the call needs the pool. In turns in one process
-/// against handing the call to the pool (2 threads, T=100, I=H=128, batch 1): LSTM inference
-/// 0.82-0.85x the time, GRU 0.85x, RNN 0.97x, LSTM and GRU training 0.94x (the forward only is
-/// led); bidirectional, the two directions on a thread each, 0.91-1.02x (each direction on both
-/// threads in turn had taken 1.13-1.17x).
+/// weights as they are) are led by the calling thread: it runs the call, forward or backward,
+/// and the sweeps' teams take it as their first member with the pool's threads as helpers (see
+/// `team.rs`), instead of handing the whole call to the pool and waiting. What else runs on the
+/// threads is cut into items that the caller and the helpers take in turn ([`map_items`]): the
+/// directions, and the backward's weight-gradient and `dx` products in fixed blocks of columns
+/// ([`product`]). The forward's input projection is made by the teams, at their first step, each
+/// block its own unit block's columns from W_ih as it is (see [`Projection`]). In turns in one
+/// process against handing the call to the pool (2 threads, T=100, I=H=128, batch 1): LSTM
+/// inference 0.82-0.85x the time, GRU 0.85x, RNN 0.97x; training with the forward led 0.94x,
+/// then with the backward led too 0.88-0.92x of that (bidirectional 0.82-0.84x); bidirectional
+/// inference, the two directions on a thread each, 0.91-1.02x (each direction on both threads in
+/// turn had taken 1.13-1.17x).
 fn led_by_caller(max_rows: usize) -> bool {
     max_rows <= crate::gemm::DOT_MAX_ROWS
 }
@@ -1335,11 +1338,12 @@ pub fn backward<T: Float>(
         s.fill(T::ZERO); // padded steps are never written
         Ptr::new(s)
     });
-    crate::threads::run(2 * layer.flops(), false, |threads| {
+    let led = led_by_caller(tape.plan.max_rows());
+    crate::threads::run(2 * layer.flops(), led, |threads| {
         // Before anything is written (the weights' comparison is the longest of the checks, and
         // runs on the threads).
         tape.check_weights(weights, threads)?;
-        crate::with_cell!(layer.cell, cell: C => backward_impl::<C, T>(cell, tape, weights, dy, dhn, dcn, dx, dh0, dc0, grads, dh_seq, threads));
+        crate::with_cell!(layer.cell, cell: C => backward_impl::<C, T>(cell, tape, weights, dy, dhn, dcn, dx, dh0, dc0, grads, dh_seq, threads, led));
         Ok(())
     })?
 }
@@ -1383,6 +1387,7 @@ fn backward_impl<C: Cell, T: Float>(
     grads: &mut [Grads<'_, T>],
     dh_seq: Option<Ptr<T>>,
     threads: usize,
+    led: bool,
 ) {
     let layer = &tape.layer;
     let d = layer.dims;
@@ -1391,7 +1396,11 @@ fn backward_impl<C: Cell, T: Float>(
     let nrows = tape.valid.as_ref().map_or(rows, Vec::len);
     let (dh0p, dc0p) = (Ptr::new(dh0), Ptr::new(dc0));
     let jobs: Vec<_> = grads.iter_mut().zip(&tape.dirs).collect();
+    // Led by the caller (see `led_by_caller`), the threads share the directions, each with its
+    // share of them.
+    let per_dir = if led { (threads / nd).max(1) } else { threads };
     let dgxs = map_items(jobs, threads, |dir, (g, kept)| {
+        let threads = per_dir;
         let w = &weights[dir];
         let every = tape.plan.full(d.seq_len);
         let mut dgx = ToWrite::new(rows * gh, every);
@@ -1425,9 +1434,8 @@ fn backward_impl<C: Cell, T: Float>(
             dc0: dc0p.at(if C::HAS_C { dir * bh } else { 0 }),
             dh_seq: dh_seq.map(|p| p.at(dir * h)),
         };
-        tape.plan.for_each_slice(threads, false, |off, n, team| {
-            sw.backward_slice(off, n, team, &inp, out)
-        });
+        tape.plan
+            .for_each_slice(threads, led, |off, n, team| sw.backward_slice(off, n, team, &inp, out));
         // SAFETY: without padding, the sweep wrote every element (see `BwdTile`).
         let (dgx, dgh_all) = unsafe { (dgx.written(), dgh_all.written()) };
         // Deferred weight gradients: GEMMs over all the (valid) rows.
@@ -1452,19 +1460,21 @@ fn backward_impl<C: Cell, T: Float>(
         let dgh: &[T] = if C::SPLIT_DGH { &dgh_all } else { &dgx };
         if C::SPLIT_DGH {
             let (x, hprev) = (&xh[..], &xh[d.input..]);
-            matmul(
+            product(
                 MatMut::new(g.w_ih, gh, d.input, d.input),
                 true,
                 Mat::new(&dgx, nrows, gh, gh).t(),
                 Mat::new(x, nrows, d.input, ldk),
                 threads,
+                led,
             );
-            matmul(
+            product(
                 MatMut::new(g.w_hh, gh, h, h),
                 true,
                 Mat::new(dgh, nrows, gh, gh).t(),
                 Mat::new(hprev, nrows, h, ldk),
                 threads,
+                led,
             );
         } else {
             // [dW_ih dW_hh] = dG^T [x h_{t-1}], one GEMM instead of two (the gate gradients
@@ -1473,12 +1483,13 @@ fn backward_impl<C: Cell, T: Float>(
             // SAFETY: without accumulation `matmul` writes every element of its view, which
             // covers the buffer's `gh * ldk` elements.
             let both = unsafe {
-                matmul(
+                product(
                     MatMut::from_raw(both.ptr(), gh, ldk, ldk),
                     false,
                     Mat::new(&dgx, nrows, gh, gh).t(),
                     Mat::new(&xh, nrows, ldk, ldk),
                     threads,
+                    led,
                 );
                 both.written()
             };
@@ -1506,12 +1517,13 @@ fn backward_impl<C: Cell, T: Float>(
     };
     let dxv: &mut [T] = if tape.valid.is_some() { &mut dxc } else { dx };
     for (dir, dgx) in dgxs.iter().enumerate() {
-        matmul(
+        product(
             MatMut::new(dxv, nrows, d.input, d.input),
             dir > 0,
             Mat::new(dgx, nrows, gh, gh),
             Mat::new(weights[dir].w_ih, gh, d.input, d.input),
             threads,
+            led,
         );
     }
     dgxs.into_iter().for_each(buffers::give);
@@ -1519,6 +1531,28 @@ fn backward_impl<C: Cell, T: Float>(
         dx.fill(T::ZERO);
         scatter(dx, idx, d.input, &dxc);
     }
+}
+
+/// Columns per block of [`product`] in a led call.
+const LED_COLS: usize = 64;
+
+/// `dst (+)= a * b` on up to `threads` threads: by [`matmul`] on the pool's, or, `led` (see
+/// [`led_by_caller`]), where the GEMM crates' threading cannot start from outside the pool, in
+/// blocks of [`LED_COLS`] columns (the same whatever the thread count, so that the results do not
+/// depend on it either) that the caller and the pool's threads take in turn.
+fn product<T: Float>(dst: MatMut<T>, accumulate: bool, a: Mat<T>, b: Mat<T>, threads: usize, led: bool) {
+    if !led {
+        return matmul(dst, accumulate, a, b, threads);
+    }
+    let n = b.cols();
+    let blocks: Vec<_> = (0..n)
+        .step_by(LED_COLS)
+        .map(|j0| {
+            let w = LED_COLS.min(n - j0);
+            (dst.cols_at(j0, w), b.cols_at(j0, w))
+        })
+        .collect();
+    map_items(blocks, threads, |_, (d, bb)| matmul(d, accumulate, a, bb, 1));
 }
 
 struct BwdIn<'a, T: Float> {

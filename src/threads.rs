@@ -114,10 +114,11 @@ pub fn set_small_call_flops(n: usize) {
 /// without this the second core would sit out most of a stream of short calls (a training
 /// step's forward and backward are two).
 ///
-/// With `led`, `f(threads)` runs on the calling thread whatever its size, for a call whose only
-/// parallel parts are teams (`team.rs`), which then take the caller as their first member and
-/// the pool's threads as helpers: no hand-off to the pool and back, and no third thread, a
-/// caller waiting for the pool, competing with the team for the cores.
+/// With `led`, `f(threads)` runs on the calling thread whatever its size, for a call whose
+/// parallel parts start from there ([`with_caller`]: teams, items taken in turn), with the
+/// caller as their first member and the pool's threads as helpers: no hand-off to the pool and
+/// back, and no third thread, a caller waiting for the pool, competing with them for the cores.
+/// Such a call must not hand work to the GEMM crates' threading, which needs the pool's context.
 pub fn run<R: Send>(flops: usize, led: bool, f: impl FnOnce(usize) -> R + Send) -> Result<R, Error> {
     let (threads, pool) = current()?;
     let shared = threads > 1 && flops >= small_call_flops();

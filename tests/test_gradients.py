@@ -324,14 +324,17 @@ def test_hidden_grads_zero_at_padding_and_one_array_per_stacked_layer():
             assert not g[b, n:].any() and np.abs(g[b, :n]).min() > 0
 
 
+@pytest.mark.parametrize("batch", [37, 1])
 @pytest.mark.parametrize("cell", CELLS)
-def test_gradients_of_steps_cut_into_blocks(cell):
+def test_gradients_of_steps_cut_into_blocks(cell, batch, two_threads):
     """A step large enough to be cut into blocks of hidden units (136 = 72 + 64) and of rows
     (37 sequences in two parts), bidirectional, with lengths: every gradient against central
     differences of the reference along three random directions (the full finite-difference
-    check would need tens of thousands of forwards)."""
+    check would need tens of thousands of forwards). At batch 1 the calling thread leads the
+    call, and the weight gradients' products are cut into blocks of 64 columns (139 = 64 + 64 +
+    11) that it and the kernel thread take in turn."""
     rng = np.random.default_rng(5)
-    batch, seq_len, hidden = 37, 5, 136
+    seq_len, hidden = 5, 136
     layer = make_layer(cell, IN, hidden, 1, bidirectional=True, dtype=np.float64, seed=8)
     x = rng.standard_normal((batch, seq_len, IN))
     state = random_state(rng, layer, batch)
