@@ -71,21 +71,20 @@ pub fn take<T: Send + 'static>(n: usize) -> Vec<T> {
 }
 
 /// A buffer of `n` elements for a pass that writes them through [`ToWrite::ptr`], in a kept
-/// buffer if one fits. Not zeroed when the pass writes every element (zeroing a training step's
-/// tape and gate gradients had been 2.25% of an LSTM's training profile at batch 8); debug builds
-/// fill it with NaN instead, so that an element the pass missed shows in the results.
+/// buffer if one fits, and is not zeroed: the pass writes every element, or the rows it leaves
+/// (padding) are zeroed by [`ToWrite::zero_rows`] (zeroing a training step's whole tape and gate
+/// gradients had been 2.25% of an LSTM's training profile at batch 8, and 6% of an RNN's at
+/// batch 64 with lengths). Debug builds fill it with NaN first, so that an element missed shows
+/// in the results.
 pub struct ToWrite<T> {
     v: Vec<T>,
     n: usize,
 }
 
 impl<T: Float> ToWrite<T> {
-    /// `every`: the pass writes every element; else the ones it leaves read as zero.
-    pub fn new(n: usize, every: bool) -> Self {
+    pub fn new(n: usize) -> Self {
         let mut v = take(n);
-        if !every {
-            v.resize(n, T::ZERO);
-        } else if cfg!(debug_assertions) {
+        if cfg!(debug_assertions) {
             v.resize(n, T::from_f64(f64::NAN));
             v.clear();
         }
@@ -97,14 +96,22 @@ impl<T: Float> ToWrite<T> {
         self.v.as_mut_ptr()
     }
 
+    /// Zero the rows `rows` of the buffer, seen as rows of `width` elements.
+    pub fn zero_rows(&mut self, rows: impl Iterator<Item = usize>, width: usize) {
+        for r in rows {
+            assert!((r + 1) * width <= self.n, "row {r} of a ToWrite buffer");
+            // SAFETY: the row is inside the buffer's capacity (checked), and zero is a valid T.
+            unsafe { std::ptr::write_bytes(self.v.as_mut_ptr().add(r * width), 0, width) };
+        }
+    }
+
     /// The buffer, its `n` elements written.
     ///
     /// # Safety
-    /// Unless made with `every = false`, every element must have been written through
-    /// [`ToWrite::ptr`].
+    /// Every element must have been written, through [`ToWrite::ptr`] or by
+    /// [`ToWrite::zero_rows`].
     pub unsafe fn written(mut self) -> Vec<T> {
-        // SAFETY: the capacity holds `n` elements, all initialised (by the caller's promise, or
-        // zeroed by `new`).
+        // SAFETY: the capacity holds `n` elements, all initialised (by the caller's promise).
         unsafe { self.v.set_len(self.n) };
         self.v
     }

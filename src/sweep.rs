@@ -307,9 +307,10 @@ impl Plan {
         Plan { perm, lens, slices }
     }
 
-    /// No sequence is shorter than `seq_len`: the sweeps write every row of what they keep.
-    fn full(&self, seq_len: usize) -> bool {
-        self.lens.iter().all(|&l| l == seq_len)
+    /// The x-order rows of `layer` past the sequences' lengths.
+    fn padding<'a>(&'a self, layer: &'a Layer) -> impl Iterator<Item = usize> + 'a {
+        let steps = layer.dims.seq_len;
+        (self.perm.iter().zip(&self.lens)).flat_map(move |(&b, &len)| (len..steps).map(move |t| layer.row(t, b)))
     }
 
     /// The most rows a slice has (the most a step's product can have).
@@ -577,13 +578,9 @@ fn scatter<T: Copy>(dst: &mut [T], idx: &[usize], w: usize, src: &[T]) {
 }
 
 /// Zero the (D*H wide) rows of `buf` past each sequence's length.
-fn zero_padding<T: Float>(layer: &Layer, lengths: Option<&[usize]>, buf: &mut [T], width: usize) {
-    let Some(l) = lengths else { return };
-    for (b, &len) in l.iter().enumerate() {
-        for t in len..layer.dims.seq_len {
-            let r = layer.row(t, b);
-            buf[r * width..(r + 1) * width].fill(T::ZERO);
-        }
+fn zero_padding<T: Float>(layer: &Layer, plan: &Plan, buf: &mut [T], width: usize) {
+    for r in plan.padding(layer) {
+        buf[r * width..(r + 1) * width].fill(T::ZERO);
     }
 }
 
@@ -641,7 +638,7 @@ fn forward_impl<C: Cell, T: Float>(
     let (h, gh, rows, nd) = (d.hidden, layer.gh(), layer.rows(), layer.directions);
     let ydim = nd * h;
     let ldk = layer.kept_width();
-    zero_padding(layer, lengths, y, ydim);
+    zero_padding(layer, &plan, y, ydim);
     // The big GEMMs run over the valid rows only when padding is worth skipping, else over all.
     let valid = valid_rows(layer, lengths);
     let xs: Cow<'_, [T]> = match &valid {
@@ -695,12 +692,8 @@ fn forward_impl<C: Cell, T: Float>(
             // SAFETY: the buffer has room for the projection, and nothing else touches it yet.
             unsafe { project_inputs(xw.data, &xs, nrows, d.input, gh, prep, pool) };
         }
-        let every = plan.full(d.seq_len);
         let mut kept = train.then(|| {
-            let (saved, mut xh) = (
-                ToWrite::new(rows * C::SAVED * h, every),
-                ToWrite::<T>::new(rows * ldk, every),
-            );
+            let (saved, mut xh) = (ToWrite::new(rows * C::SAVED * h), ToWrite::<T>::new(rows * ldk));
             // x_t into each kept row inside the lengths (the sweep adds h_{t-1} beside it).
             for (b, len) in (0..d.batch).map(|b| (b, lengths.map_or(d.seq_len, |l| l[b]))) {
                 for r in (0..len).map(|t| layer.row(t, b)) {
@@ -738,8 +731,11 @@ fn forward_impl<C: Cell, T: Float>(
             sw.forward_slice(off, n, team, xw, project, h0, c0, out)
         });
         buffers::give(xw_buf);
-        // SAFETY: without padding, the sweep wrote every element (see `FwdTile`).
-        kept.map(|(saved, xh)| unsafe {
+        // SAFETY: the sweep wrote every row inside the lengths (see `FwdTile`), and the padding
+        // is zeroed here.
+        kept.map(|(mut saved, mut xh)| unsafe {
+            saved.zero_rows(plan.padding(layer), C::SAVED * h);
+            xh.zero_rows(plan.padding(layer), ldk);
             DirTape {
                 saved: saved.written(),
                 xh: xh.written(),
@@ -1402,9 +1398,8 @@ fn backward_impl<C: Cell, T: Float>(
     let dgxs = map_items(jobs, threads, |dir, (g, kept)| {
         let threads = per_dir;
         let w = &weights[dir];
-        let every = tape.plan.full(d.seq_len);
-        let mut dgx = ToWrite::new(rows * gh, every);
-        let mut dgh_all = ToWrite::new(if C::SPLIT_DGH { rows * gh } else { 0 }, every);
+        let mut dgx = ToWrite::new(rows * gh);
+        let mut dgh_all = ToWrite::new(if C::SPLIT_DGH { rows * gh } else { 0 });
         let units = unit_blocks(h);
         let w_hh = map_items(units.clone(), threads, |_, (u0, u1)| {
             PackedB::new(vec![Mat::new(&w.w_hh[u0..], gh, u1 - u0, h)], tape.plan.max_rows())
@@ -1436,8 +1431,13 @@ fn backward_impl<C: Cell, T: Float>(
         };
         tape.plan
             .for_each_slice(threads, led, |off, n, team| sw.backward_slice(off, n, team, &inp, out));
-        // SAFETY: without padding, the sweep wrote every element (see `BwdTile`).
-        let (dgx, dgh_all) = unsafe { (dgx.written(), dgh_all.written()) };
+        // SAFETY: the sweep wrote every row inside the lengths (see `BwdTile`), and the padding
+        // is zeroed here.
+        let (dgx, dgh_all) = unsafe {
+            dgx.zero_rows(tape.plan.padding(layer), gh);
+            dgh_all.zero_rows(tape.plan.padding(layer).filter(|_| C::SPLIT_DGH), gh);
+            (dgx.written(), dgh_all.written())
+        };
         // Deferred weight gradients: GEMMs over all the (valid) rows.
         let ldk = layer.kept_width();
         let (dgx, dgh_all, xh) = match &tape.valid {
@@ -1479,7 +1479,7 @@ fn backward_impl<C: Cell, T: Float>(
         } else {
             // [dW_ih dW_hh] = dG^T [x h_{t-1}], one GEMM instead of two (the gate gradients
             // packed once, a wider product): 7-17% faster than two on LSTM B=8 and B=64 shapes.
-            let mut both = ToWrite::new(gh * ldk, true);
+            let mut both = ToWrite::new(gh * ldk);
             // SAFETY: without accumulation `matmul` writes every element of its view, which
             // covers the buffer's `gh * ldk` elements.
             let both = unsafe {
