@@ -36,7 +36,7 @@ unsafe impl<T: Send> Send for MatMut<T> {}
 
 impl<T> Mat<T> {
     /// Columns `[j0, j0 + w)` (no copy).
-    pub(crate) fn cols_at(&self, j0: usize, w: usize) -> Self {
+    fn cols_at(&self, j0: usize, w: usize) -> Self {
         Mat {
             ptr: self.ptr.wrapping_offset(j0 as isize * self.cs),
             cols: w,
@@ -78,7 +78,7 @@ impl<T> Mat<T> {
 
 impl<T> MatMut<T> {
     /// Columns `[j0, j0 + w)`, a view of its own (the caller hands disjoint blocks out).
-    pub(crate) fn cols_at(&self, j0: usize, w: usize) -> Self {
+    fn cols_at(&self, j0: usize, w: usize) -> Self {
         MatMut {
             ptr: self.ptr.wrapping_offset(j0 as isize * self.cs),
             rows: self.rows,
@@ -192,15 +192,10 @@ pub fn matmul<T: Float>(dst: MatMut<T>, accumulate: bool, a: Mat<T>, b: Mat<T>, 
     if (2..=FAER_MAX_ROWS).contains(&dst.rows) {
         // Fixed blocks of columns, the same whatever the thread count (so that the results do not
         // depend on it), run on the threads when the product is large enough to pay for them.
-        let blocks: Vec<_> = (0..dst.cols)
-            .step_by(FAER_COL_BLOCK)
-            .map(|j0| {
-                let w = FAER_COL_BLOCK.min(dst.cols - j0);
-                (dst.cols_at(j0, w), b.cols_at(j0, w))
-            })
-            .collect();
+        let macs = dst.rows * dst.cols * a.cols;
+        let blocks = column_blocks(dst, b, FAER_COL_BLOCK);
         let run = |(d, bb): (MatMut<T>, Mat<T>)| faer_matmul(d, accumulate, &a, &bb, faer::Par::Seq);
-        if threads > 1 && blocks.len() > 1 && dst.rows * dst.cols * a.cols >= PAR_MACS {
+        if threads > 1 && blocks.len() > 1 && macs >= PAR_MACS {
             blocks.into_par_iter().for_each(run);
         } else {
             blocks.into_iter().for_each(run);
@@ -249,6 +244,18 @@ pub fn matmul<T: Float>(dst: MatMut<T>, accumulate: bool, a: Mat<T>, b: Mat<T>, 
             par,
         )
     }
+}
+
+/// The product `dst (+)= a * b` cut into blocks of `width` columns (the last narrower): each
+/// block's view of `dst`, a view of its own, and of `b`.
+pub(crate) fn column_blocks<T>(dst: MatMut<T>, b: Mat<T>, width: usize) -> Vec<(MatMut<T>, Mat<T>)> {
+    (0..b.cols)
+        .step_by(width)
+        .map(|j0| {
+            let w = width.min(b.cols - j0);
+            (dst.cols_at(j0, w), b.cols_at(j0, w))
+        })
+        .collect()
 }
 
 /// Products of at most this many rows go to the dot-product kernel in [`matmul_unpacked`]. Against

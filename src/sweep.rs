@@ -21,7 +21,7 @@
 use crate::buffers::{self, Aligned, ToWrite};
 use crate::cells::{Bwd, Cell, CellKind, Fwd};
 use crate::error::{Error, Result};
-use crate::gemm::{matmul, matmul_packed, matmul_unpacked, unpacked_by_dot, Mat, MatMut, PackedB};
+use crate::gemm::{column_blocks, matmul, matmul_packed, matmul_unpacked, unpacked_by_dot, Mat, MatMut, PackedB};
 use crate::simd::{dispatch, prefetch, Float, Isa, Kernel};
 use crate::team;
 use rayon::prelude::*;
@@ -473,7 +473,7 @@ pub fn forward<T: Float>(
     crate::threads::run(layer.flops(), led, |threads| {
         // Led, the threads are the sweep teams' members, and the rest runs on the caller's.
         let prepared = cache.and_then(|c| c.get(layer, weights, plan.max_rows(), if led { 1 } else { threads }));
-        crate::with_cell!(layer.cell, cell: C => forward_impl::<C, T>(cell, layer, x, weights, prepared, plan, h0, c0, lengths, y, hn, cn, train, threads))
+        crate::with_cell!(layer.cell, cell: C => forward_impl::<C, T>(cell, layer, x, weights, prepared, plan, h0, c0, lengths, y, hn, cn, train, threads, led))
     })
 }
 
@@ -633,6 +633,7 @@ fn forward_impl<C: Cell, T: Float>(
     cn: &mut [T],
     train: bool,
     threads: usize,
+    led: bool,
 ) -> Option<Tape<T>> {
     let d = layer.dims;
     let (h, gh, rows, nd) = (d.hidden, layer.gh(), layer.rows(), layer.directions);
@@ -659,7 +660,6 @@ fn forward_impl<C: Cell, T: Float>(
     let units = unit_blocks(h);
     // Led by the caller (see `led_by_caller`), the threads share the directions, each with a
     // sweep team of its share of them, and the rest runs on one.
-    let led = led_by_caller(plan.max_rows());
     let (pool, per_dir) = if led {
         (1, (threads / nd).max(1))
     } else {
@@ -1544,14 +1544,7 @@ fn product<T: Float>(dst: MatMut<T>, accumulate: bool, a: Mat<T>, b: Mat<T>, thr
     if !led {
         return matmul(dst, accumulate, a, b, threads);
     }
-    let n = b.cols();
-    let blocks: Vec<_> = (0..n)
-        .step_by(LED_COLS)
-        .map(|j0| {
-            let w = LED_COLS.min(n - j0);
-            (dst.cols_at(j0, w), b.cols_at(j0, w))
-        })
-        .collect();
+    let blocks = column_blocks(dst, b, LED_COLS);
     map_items(blocks, threads, |_, (d, bb)| matmul(d, accumulate, a, bb, 1));
 }
 
