@@ -8,7 +8,9 @@
 //!
 //! Layout. Everything indexed by (time, batch) — x, y, dy, dx and what training keeps — uses the
 //! row order of the caller's x ("x-order": row(t, b) = t*st + b*sb), so that the big GEMMs read
-//! and write those buffers as they are, without gathers or transposes. The state carried from step
+//! and write those buffers as they are, without gathers or transposes; with variable lengths
+//! whose padding is worth skipping, what the layer makes for itself (the input projection, the
+//! tape, the gate gradients) holds the valid rows only, packed in x order (see `Rows`). The state carried from step
 //! to step is compact instead: row r of the state is sequence `perm[r]`, with the sequences sorted
 //! by length (longest first) inside each thread's slice, so the sequences still running at a step
 //! are a prefix of the slice and the recurrent GEMM does no work past a sequence's end.
@@ -98,6 +100,8 @@ pub struct Tape<T: Float> {
     plan: Plan,
     /// The x-order rows inside the sequences' lengths, when padding is worth skipping.
     valid: Option<Vec<usize>>,
+    /// Then, the packed row of each valid x-order row ([`Rows`]).
+    at: Option<Vec<usize>>,
     /// A copy of each direction's parameters, to refuse a backward with other ones.
     weights: Vec<Aligned<T>>,
     c0: Option<Vec<T>>,
@@ -105,13 +109,13 @@ pub struct Tape<T: Float> {
 }
 
 struct DirTape<T: Float> {
-    /// The cell's saved values per (t, b), x-order; in each row, unit block by unit block (a
-    /// block's `SAVED` pieces of its width side by side), so that a block of a step writes and
-    /// reads its own as one piece.
+    /// The cell's saved values per (t, b), in the rows of [`Rows`]; in each row, unit block by
+    /// unit block (a block's `SAVED` pieces of its width side by side), so that a block of a
+    /// step writes and reads its own as one piece.
     saved: Vec<T>,
-    /// x_t then h_{t-1}, side by side in one row per (t, b), x-order, zero past a sequence's
-    /// length: what `dW_ih` and `dW_hh` are products with, so that one GEMM computes both when
-    /// they share the gate gradients (see `backward_impl`).
+    /// x_t then h_{t-1}, side by side in one row per (t, b) ([`Rows`]), zero past a sequence's
+    /// length where those rows are kept: what `dW_ih` and `dW_hh` are products with, so that one
+    /// GEMM computes both when they share the gate gradients (see `backward_impl`).
     xh: Vec<T>,
 }
 
@@ -647,8 +651,8 @@ fn forward_impl<C: Cell, T: Float>(
         None => Cow::Borrowed(x),
     };
     let nrows = valid.as_ref().map_or(rows, Vec::len);
-    // Where each valid x-order row's input projection is among the gathered rows.
-    let xw_at = valid.as_ref().map(|idx| {
+    // The packed row of each valid x-order row, for the projection and the tape ([`Rows`]).
+    let at = valid.as_ref().map(|idx| {
         let mut at = vec![usize::MAX; rows];
         for (k, &r) in idx.iter().enumerate() {
             at[r] = k;
@@ -679,7 +683,7 @@ fn forward_impl<C: Cell, T: Float>(
         let xw = InputProj {
             data: Ptr(xw_buf.as_mut_ptr()),
             gh,
-            at: xw_at.as_deref(),
+            rows: Rows(at.as_deref()),
         };
         // Led, each block of a sweep's first team step projects its own unit block's columns.
         let project = led.then_some(Projection {
@@ -693,14 +697,18 @@ fn forward_impl<C: Cell, T: Float>(
             unsafe { project_inputs(xw.data, &xs, nrows, d.input, gh, prep, pool) };
         }
         let mut kept = train.then(|| {
-            let (saved, mut xh) = (ToWrite::new(rows * C::SAVED * h), ToWrite::<T>::new(rows * ldk));
+            let (saved, mut xh) = (ToWrite::new(nrows * C::SAVED * h), ToWrite::<T>::new(nrows * ldk));
             // x_t into each kept row inside the lengths (the sweep adds h_{t-1} beside it).
             for (b, len) in (0..d.batch).map(|b| (b, lengths.map_or(d.seq_len, |l| l[b]))) {
                 for r in (0..len).map(|t| layer.row(t, b)) {
-                    // SAFETY: row r of x and of the kept buffer are inside them; nothing else
-                    // touches the buffer yet.
+                    // SAFETY: row r of x and its row of the kept buffer are inside them; nothing
+                    // else touches the buffer yet.
                     unsafe {
-                        std::ptr::copy_nonoverlapping(x.as_ptr().add(r * d.input), xh.ptr().add(r * ldk), d.input)
+                        std::ptr::copy_nonoverlapping(
+                            x.as_ptr().add(r * d.input),
+                            xh.ptr().add(xw.rows.of(r) * ldk),
+                            d.input,
+                        )
                     };
                 }
             }
@@ -732,10 +740,10 @@ fn forward_impl<C: Cell, T: Float>(
         });
         buffers::give(xw_buf);
         // SAFETY: the sweep wrote every row inside the lengths (see `FwdTile`), and the padding
-        // is zeroed here.
+        // rows, if kept, are zeroed here.
         kept.map(|(mut saved, mut xh)| unsafe {
-            saved.zero_rows(plan.padding(layer), C::SAVED * h);
-            xh.zero_rows(plan.padding(layer), ldk);
+            saved.zero_rows(plan.padding(layer).filter(|_| at.is_none()), C::SAVED * h);
+            xh.zero_rows(plan.padding(layer).filter(|_| at.is_none()), ldk);
             DirTape {
                 saved: saved.written(),
                 xh: xh.written(),
@@ -746,6 +754,7 @@ fn forward_impl<C: Cell, T: Float>(
         layer: *layer,
         plan,
         valid,
+        at,
         weights: weights.iter().map(|w| weights_copy(w, pool)).collect(),
         c0: c0.map(<[T]>::to_vec),
         dirs: dirs.into_iter().flatten().collect(),
@@ -1012,15 +1021,28 @@ fn widest(units: &[(usize, usize)]) -> usize {
     units.iter().map(|&(u0, u1)| u1 - u0).max().unwrap_or(0)
 }
 
+/// The rows of what a layer computes per (t, b) besides its outputs (the input projection, the
+/// training tape, the gate gradients): one per x-order row, or, when padding is skipped, one per
+/// valid row only, packed in x order, so that the GEMMs over them need neither gathers nor
+/// zeroed padding rows, and the tape holds no padding.
+#[derive(Clone, Copy)]
+struct Rows<'a>(Option<&'a [usize]>);
+
+impl Rows<'_> {
+    /// The row of x-order row `xr` (a valid one).
+    #[inline(always)]
+    fn of(self, xr: usize) -> usize {
+        self.0.map_or(xr, |at| at[xr])
+    }
+}
+
 /// The input projection `x W_ih^T` of a forward sweep, its columns by unit block
-/// ([`by_unit_block`]): one row per x-order row, or, when padding is skipped, one per valid row
-/// only, packed in x order.
+/// ([`by_unit_block`]), in the rows of [`Rows`].
 #[derive(Clone, Copy)]
 struct InputProj<'a, T> {
     data: Ptr<T>,
     gh: usize,
-    /// With padding skipped: the packed row of each valid x-order row.
-    at: Option<&'a [usize]>,
+    rows: Rows<'a>,
 }
 
 impl<'a, T: Copy> InputProj<'a, T> {
@@ -1030,8 +1052,7 @@ impl<'a, T: Copy> InputProj<'a, T> {
     /// The row must have been written (before the sweep, or at its first step, see
     /// [`Projection`]), and no one may write it meanwhile.
     unsafe fn row(&self, xr: usize) -> &'a [T] {
-        let k = self.at.map_or(xr, |at| at[xr]);
-        self.data.read(k * self.gh, self.gh)
+        self.data.read(self.rows.of(xr) * self.gh, self.gh)
     }
 }
 
@@ -1230,8 +1251,9 @@ impl<C: Cell, T: Float> Kernel for FwdTile<'_, '_, C, T> {
                 let h_new = self.h.1.slice(r * h + u0, w);
                 let saved = match out.keep {
                     Some((sp, xhp)) => {
-                        xhp.slice(sw.layer.kept_h(xr) + u0, w).copy_from_slice(h_prev);
-                        sp.slice(xr * sv + C::SAVED * u0, C::SAVED * w)
+                        let kr = self.xw.rows.of(xr);
+                        xhp.slice(sw.layer.kept_h(kr) + u0, w).copy_from_slice(h_prev);
+                        sp.slice(kr * sv + C::SAVED * u0, C::SAVED * w)
                     }
                     None => empty(),
                 };
@@ -1398,8 +1420,8 @@ fn backward_impl<C: Cell, T: Float>(
     let dgxs = map_items(jobs, threads, |dir, (g, kept)| {
         let threads = per_dir;
         let w = &weights[dir];
-        let mut dgx = ToWrite::new(rows * gh);
-        let mut dgh_all = ToWrite::new(if C::SPLIT_DGH { rows * gh } else { 0 });
+        let mut dgx = ToWrite::new(nrows * gh);
+        let mut dgh_all = ToWrite::new(if C::SPLIT_DGH { nrows * gh } else { 0 });
         let units = unit_blocks(h);
         let w_hh = map_items(units.clone(), threads, |_, (u0, u1)| {
             PackedB::new(vec![Mat::new(&w.w_hh[u0..], gh, u1 - u0, h)], tape.plan.max_rows())
@@ -1423,6 +1445,7 @@ fn backward_impl<C: Cell, T: Float>(
         };
         // Block `dir` of dh0 / dc0 belongs to this direction.
         let out = BwdOut {
+            rows: Rows(tape.at.as_deref()),
             dgx: Ptr(dgx.ptr()),
             dgh_all: Ptr(dgh_all.ptr()),
             dh0: dh0p.at(dir * bh),
@@ -1432,31 +1455,16 @@ fn backward_impl<C: Cell, T: Float>(
         tape.plan
             .for_each_slice(threads, led, |off, n, team| sw.backward_slice(off, n, team, &inp, out));
         // SAFETY: the sweep wrote every row inside the lengths (see `BwdTile`), and the padding
-        // is zeroed here.
+        // rows, if kept, are zeroed here.
         let (dgx, dgh_all) = unsafe {
-            dgx.zero_rows(tape.plan.padding(layer), gh);
-            dgh_all.zero_rows(tape.plan.padding(layer).filter(|_| C::SPLIT_DGH), gh);
+            let padding = || tape.plan.padding(layer).filter(|_| tape.at.is_none());
+            dgx.zero_rows(padding(), gh);
+            dgh_all.zero_rows(padding().filter(|_| C::SPLIT_DGH), gh);
             (dgx.written(), dgh_all.written())
         };
         // Deferred weight gradients: GEMMs over all the (valid) rows.
         let ldk = layer.kept_width();
-        let (dgx, dgh_all, xh) = match &tape.valid {
-            Some(idx) => {
-                let valid = (
-                    gather(&dgx, idx, gh),
-                    if C::SPLIT_DGH {
-                        gather(&dgh_all, idx, gh)
-                    } else {
-                        Vec::new()
-                    },
-                    Cow::Owned(gather(&kept.xh, idx, ldk)),
-                );
-                buffers::give(dgx);
-                buffers::give(dgh_all);
-                valid
-            }
-            None => (dgx, dgh_all, Cow::Borrowed(&kept.xh[..])),
-        };
+        let xh = &kept.xh;
         let dgh: &[T] = if C::SPLIT_DGH { &dgh_all } else { &dgx };
         if C::SPLIT_DGH {
             let (x, hprev) = (&xh[..], &xh[d.input..]);
@@ -1487,7 +1495,7 @@ fn backward_impl<C: Cell, T: Float>(
                     MatMut::from_raw(both.ptr(), gh, ldk, ldk),
                     false,
                     Mat::new(&dgx, nrows, gh, gh).t(),
-                    Mat::new(&xh, nrows, ldk, ldk),
+                    Mat::new(xh, nrows, ldk, ldk),
                     threads,
                     led,
                 );
@@ -1558,7 +1566,9 @@ struct BwdIn<'a, T: Float> {
 }
 
 #[derive(Clone, Copy)]
-struct BwdOut<T> {
+struct BwdOut<'a, T> {
+    /// The rows of the tape, `dgx` and `dgh_all`.
+    rows: Rows<'a>,
     dgx: Ptr<T>,
     dgh_all: Ptr<T>,
     dh0: Ptr<T>,
@@ -1573,7 +1583,7 @@ impl<C: Cell, T: Float> Sweep<'_, C, T> {
     /// `dG_{s+1} W_hh` to its units of dL/dh_s, then runs their pointwise pass, which writes its
     /// units' gate gradients of step s (double-buffered: iteration i reads buffer `(i + 1) % 2`
     /// whole and writes its blocks of buffer `i % 2`). A last iteration finishes dL/dh_0.
-    fn backward_slice(&self, off: usize, n: usize, members: usize, inp: &BwdIn<'_, T>, out: BwdOut<T>) {
+    fn backward_slice(&self, off: usize, n: usize, members: usize, inp: &BwdIn<'_, T>, out: BwdOut<'_, T>) {
         if n == 0 {
             return;
         }
@@ -1645,7 +1655,7 @@ struct BwdTile<'a, 'w, C, T: Float> {
     /// compact rows.
     dgh: (Ptr<T>, Ptr<T>),
     scratch: &'a mut [T],
-    out: BwdOut<T>,
+    out: BwdOut<'a, T>,
 }
 
 impl<C: Cell, T: Float> Kernel for BwdTile<'_, '_, C, T> {
@@ -1661,8 +1671,8 @@ impl<C: Cell, T: Float> Kernel for BwdTile<'_, '_, C, T> {
         let (w, gw) = (u1 - u0, C::GATES * (u1 - u0));
         let next = self.ran_next.min(r1).saturating_sub(r0);
         // SAFETY (here and below): this block alone touches units [u0, u1) of rows [r0, r1) of
-        // dh, dc and the written dgh, and those units of row xr of dgx, dgh_all and dh_seq, and
-        // of row b of dh0 / dc0; no one writes the read dgh during the iteration.
+        // dh, dc and the written dgh, and those units of row kr of dgx and dgh_all, of row xr of
+        // dh_seq, and of row b of dh0 / dc0; no one writes the read dgh during the iteration.
         unsafe {
             if next > 0 {
                 let dst = MatMut::from_raw(self.dh.0.add(r0 * h + u0), next, w, h);
@@ -1691,15 +1701,17 @@ impl<C: Cell, T: Float> Kernel for BwdTile<'_, '_, C, T> {
         for r in r0..r1 {
             let (b, len) = (self.perm[r], self.lens[r]);
             let xr = layer.row(time_of(len, s, sw.reverse), b);
+            // Its row of the tape and the gate gradients.
+            let kr = out.rows.of(xr);
             let c_prev: &[T] = if !C::HAS_C {
                 &[]
             } else if s > 0 {
-                let pr = layer.row(time_of(len, s - 1, sw.reverse), b);
+                let pr = out.rows.of(layer.row(time_of(len, s - 1, sw.reverse), b));
                 &inp.kept.saved[pr * sv + C::SAVED * u0 + C::C_AT * w..][..w]
             } else {
                 inp.c0.map_or(&self.zeros[..w], |c0| &c0[b * h + u0..][..w])
             };
-            let saved = &inp.kept.saved[xr * sv + C::SAVED * u0..][..C::SAVED * w];
+            let saved = &inp.kept.saved[kr * sv + C::SAVED * u0..][..C::SAVED * w];
             let dy = &inp.dy[xr * inp.ldy + u0..][..w];
             unsafe {
                 let dh = self.dh.slice(r * h + u0, w);
@@ -1719,17 +1731,17 @@ impl<C: Cell, T: Float> Kernel for BwdTile<'_, '_, C, T> {
                     dh,
                     dc,
                     saved,
-                    h_prev: &inp.kept.xh[layer.kept_h(xr) + u0..][..w],
+                    h_prev: &inp.kept.xh[layer.kept_h(kr) + u0..][..w],
                     c_prev,
                     dgx: &mut *dgx,
                     dgh: &mut *dgh,
                 });
                 for g in 0..C::GATES {
                     let (x, y) = (&dgx[g * w..(g + 1) * w], &dgh[g * w..(g + 1) * w]);
-                    out.dgx.slice(xr * gh + g * h + u0, w).copy_from_slice(x);
+                    out.dgx.slice(kr * gh + g * h + u0, w).copy_from_slice(x);
                     self.dgh.1.slice(r * gh + g * h + u0, w).copy_from_slice(y);
                     if C::SPLIT_DGH {
-                        out.dgh_all.slice(xr * gh + g * h + u0, w).copy_from_slice(y);
+                        out.dgh_all.slice(kr * gh + g * h + u0, w).copy_from_slice(y);
                     }
                 }
             }
