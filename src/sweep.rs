@@ -10,10 +10,11 @@
 //! row order of the caller's x ("x-order": row(t, b) = t*st + b*sb), so that the big GEMMs read
 //! and write those buffers as they are, without gathers or transposes; with variable lengths
 //! whose padding is worth skipping, what the layer makes for itself (the input projection, the
-//! tape, the gate gradients) holds the valid rows only, packed in x order (see `Rows`). The state carried from step
-//! to step is compact instead: row r of the state is sequence `perm[r]`, with the sequences sorted
-//! by length (longest first) inside each thread's slice, so the sequences still running at a step
-//! are a prefix of the slice and the recurrent GEMM does no work past a sequence's end.
+//! tape, the gate gradients) holds the valid rows only, packed in x order (see `Rows`). The state
+//! carried from step to step is compact instead: row r of the state is sequence `perm[r]`, with
+//! the sequences sorted by length (longest first) inside each thread's slice, so the sequences
+//! still running at a step are a prefix of the slice and the recurrent GEMM does no work past a
+//! sequence's end.
 //!
 //! Threads. When the batch is large enough, it is cut into one slice per thread and each slice
 //! runs the whole time loop on its own (no per-step synchronisation); otherwise the threads share
@@ -182,9 +183,9 @@ impl Layer {
     fn kept_width(&self) -> usize {
         self.dims.input + self.dims.hidden
     }
-    /// Where h_{t-1} of x-order row `xr` starts in [`DirTape::xh`].
-    fn kept_h(&self, xr: usize) -> usize {
-        xr * self.kept_width() + self.dims.input
+    /// Where h_{t-1} of row `row` of [`DirTape::xh`] (see [`Rows`]) starts.
+    fn kept_h(&self, row: usize) -> usize {
+        row * self.kept_width() + self.dims.input
     }
     /// (t stride, b stride) of x-order rows.
     fn strides(&self) -> (usize, usize) {
