@@ -37,6 +37,17 @@ def _aligned(a: Array) -> Array:
     return out
 
 
+def _stacked(h: list[Array], c: list[Array] | None = None) -> State:
+    """The states of a stack's layers as one (layers * directions, batch, hidden) array, or the
+    pair ``(h, c)`` with ``c``. One layer's array is the kernel's own (new at every call): not
+    copied, a microsecond of a batch-1 call."""
+
+    def one(parts: list[Array]) -> Array:
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    return one(h) if c is None else (one(h), one(c))
+
+
 class _Recurrent(Module):
     """Common machinery of :class:`RNN`, :class:`LSTM` and :class:`GRU`."""
 
@@ -313,8 +324,7 @@ class _Recurrent(Module):
         self._tapes = tapes if training else None
         self._masks = masks
         self._in_shape = x.shape
-        h_out = np.concatenate(hn)
-        return inp, ((h_out, np.concatenate(cn)) if self._has_c else h_out)
+        return inp, _stacked(hn, cn) if self._has_c else _stacked(hn)
 
     __call__ = forward
 
@@ -373,8 +383,7 @@ class _Recurrent(Module):
                 mask = self._masks[layer - 1]
                 dy = dx if mask is None else dx * mask
         self.hidden_grads = hidden_grads
-        h_out = np.concatenate(dh0)
-        return dx, ((h_out, np.concatenate(dc0)) if self._has_c else h_out)
+        return dx, _stacked(dh0, dc0) if self._has_c else _stacked(dh0)
 
 
 class RNN(_Recurrent):
