@@ -582,7 +582,7 @@ fn scatter<T: Copy>(dst: &mut [T], idx: &[usize], w: usize, src: &[T]) {
     }
 }
 
-/// Zero the (D*H wide) rows of `buf` past each sequence's length.
+/// Zero the x-order rows (`width` wide) of `buf` past each sequence's length: of y, and of dx.
 fn zero_padding<T: Float>(layer: &Layer, plan: &Plan, buf: &mut [T], width: usize) {
     for r in plan.padding(layer) {
         buf[r * width..(r + 1) * width].fill(T::ZERO);
@@ -743,8 +743,8 @@ fn forward_impl<C: Cell, T: Float>(
         // SAFETY: the sweep wrote every row inside the lengths (see `FwdTile`), and the padding
         // rows, if kept, are zeroed here.
         kept.map(|(mut saved, mut xh)| unsafe {
-            saved.zero_rows(plan.padding(layer).filter(|_| at.is_none()), C::SAVED * h);
-            xh.zero_rows(plan.padding(layer).filter(|_| at.is_none()), ldk);
+            saved.zero_rows(xw.rows.padding(&plan, layer), C::SAVED * h);
+            xh.zero_rows(xw.rows.padding(&plan, layer), ldk);
             DirTape {
                 saved: saved.written(),
                 xh: xh.written(),
@@ -1029,11 +1029,16 @@ fn widest(units: &[(usize, usize)]) -> usize {
 #[derive(Clone, Copy)]
 struct Rows<'a>(Option<&'a [usize]>);
 
-impl Rows<'_> {
+impl<'a> Rows<'a> {
     /// The row of x-order row `xr` (a valid one).
     #[inline(always)]
     fn of(self, xr: usize) -> usize {
         self.0.map_or(xr, |at| at[xr])
+    }
+    /// The padding rows that such a buffer holds (to be zeroed): none when it holds the valid
+    /// rows only.
+    fn padding(self, plan: &'a Plan, layer: &'a Layer) -> impl Iterator<Item = usize> + 'a {
+        self.0.is_none().then(|| plan.padding(layer)).into_iter().flatten()
     }
 }
 
@@ -1458,9 +1463,8 @@ fn backward_impl<C: Cell, T: Float>(
         // SAFETY: the sweep wrote every row inside the lengths (see `BwdTile`), and the padding
         // rows, if kept, are zeroed here.
         let (dgx, dgh_all) = unsafe {
-            let padding = || tape.plan.padding(layer).filter(|_| tape.at.is_none());
-            dgx.zero_rows(padding(), gh);
-            dgh_all.zero_rows(padding().filter(|_| C::SPLIT_DGH), gh);
+            dgx.zero_rows(out.rows.padding(&tape.plan, layer), gh);
+            dgh_all.zero_rows(out.rows.padding(&tape.plan, layer).filter(|_| C::SPLIT_DGH), gh);
             (dgx.written(), dgh_all.written())
         };
         // Deferred weight gradients: GEMMs over all the (valid) rows.
@@ -1537,7 +1541,8 @@ fn backward_impl<C: Cell, T: Float>(
     }
     dgxs.into_iter().for_each(buffers::give);
     if let Some(idx) = &tape.valid {
-        dx.fill(T::ZERO);
+        // The valid rows from the packed ones, zeros in the others.
+        zero_padding(layer, &tape.plan, dx, d.input);
         scatter(dx, idx, d.input, &dxc);
     }
 }

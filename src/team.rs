@@ -45,10 +45,11 @@ struct Team {
 /// `members` threads. `init` makes each member's scratch.
 ///
 /// Called from a thread of a rayon pool (the kernel pool's, in the calls handed to it), the
-/// members are that pool's threads. Called from outside one, the calling thread is member 0 and starts at once, with no hand-off to the pool
-/// and back to wait for, and the pool's threads join as helpers (see
-/// [`crate::threads::with_caller`]): for calls short enough that the hand-offs would count, and
-/// so that no third thread (a caller waiting for the pool) competes with the members for the cores.
+/// members are that pool's threads. Called from outside one, the calling thread is member 0 and
+/// starts at once, with no hand-off to the pool and back to wait for, and the pool's threads join
+/// as helpers (see [`crate::threads::with_caller`]): for calls short enough that the hand-offs
+/// would count, and so that no third thread (a caller waiting for the pool) competes with the
+/// members for the cores.
 pub fn run<S>(
     blocks: usize,
     members: usize,
