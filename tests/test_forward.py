@@ -332,7 +332,7 @@ def test_step_of_copies_and_pickles_reads_their_own_weights(cell):
 def test_deep_copies_keep_aligned_parameters_shared_with_a_copied_optimizer(optimizer_first):
     """copy.deepcopy of a layer gives parameter arrays that start on 64 bytes, as the original's
     (the kernels read misaligned rows 1.4-1.6x slower); an optimizer copied in the same call,
-    before or after the layer, still updates the copy's parameters."""
+    before or after the layer, still updates the copy's parameters from the copy's gradients."""
     rng = np.random.default_rng(10)
     layer = rnnkit.LSTM(IN, 16, 2, seed=3)
     opt = rnnkit.optim.SGD(layer, lr=0.1)
@@ -345,6 +345,9 @@ def test_deep_copies_keep_aligned_parameters_shared_with_a_copied_optimizer(opti
     before = {k: v.copy() for k, v in layer.params.items()}
     y, _ = twin(rng.standard_normal((B, T, IN)).astype(np.float32))
     twin.backward(np.ones_like(y))
+    # The copy's backward adds into the copy's gradients only.
+    assert all(g.any() for g in twin.grads.values())
+    assert not any(g.any() for g in layer.grads.values())
     opt2.step()
     for k, v in twin.params.items():
         np.testing.assert_array_equal(v, before[k] - 0.1 * twin.grads[k], err_msg=k)

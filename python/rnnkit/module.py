@@ -115,10 +115,11 @@ class Module:
         object.__setattr__(self, "_modules", {})
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if isinstance(value, Module) and not name.startswith("_"):
-            self._modules[name] = value
-        elif name in self.__dict__.get("_modules", ()):
-            del self._modules[name]
+        if name[0] != "_":  # a private attribute is never a sub-module (the layers' per-call state)
+            if isinstance(value, Module):
+                self._modules[name] = value
+            elif name in self.__dict__.get("_modules", ()):
+                del self._modules[name]
         object.__setattr__(self, name, value)
 
     # ------------------------------------------------------------------ registration

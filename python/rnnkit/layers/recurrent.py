@@ -8,6 +8,7 @@ dropout and keeps the parameters.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -95,7 +96,18 @@ class _Recurrent(Module):
                 for kind, shape in shapes.items():
                     w = self._rng.uniform(-bound, bound, size=shape)
                     self.add_param(f"{kind}_l{layer}{sfx}", _aligned(w.astype(self.dtype)))
-        self._zero_bias = np.zeros(gh, dtype=self.dtype)
+        # Per stacked layer, per direction, the 4-tuples the kernels take: the parameters, and
+        # the gradients they add to. The parameter arrays are never replaced (Module.params copies
+        # into them), so the tuples are made once (a layer without biases gets zeros for the
+        # biases, and scratch arrays for their gradients, never read). About 2 us of each call.
+        zero_bias = np.zeros(gh, dtype=self.dtype)
+        self._kernel_params = [
+            self._tuples(self._params, k, lambda: zero_bias) for k in range(self.num_layers)
+        ]
+        self._kernel_grads = [
+            self._tuples(self._grads, k, lambda: np.zeros(gh, dtype=self.dtype))
+            for k in range(self.num_layers)
+        ]
         self._tapes: list[Any] | None = None
         # Inference only: per stacked layer, the weights prepared for the kernels (the recurrent
         # ones packed), kept between calls; the kernel compares the weights with its copy at every
@@ -142,24 +154,28 @@ class _Recurrent(Module):
     def _cell(self) -> str:
         raise NotImplementedError
 
-    def _weights(self, layer: int) -> list[tuple[Array, Array, Array, Array]]:
+    def _tuples(
+        self, arrays: dict[str, Array], layer: int, missing_bias: Callable[[], Array]
+    ) -> list[tuple[Array, Array, Array, Array]]:
+        """``arrays``' (weight_ih, weight_hh, bias_ih, bias_hh) of ``layer``, per direction;
+        ``missing_bias()`` stands in for the biases of a layer without them."""
         out = []
         for sfx in self._suffixes():
-            p = self._params
-            b_ih = p.get(f"bias_ih_l{layer}{sfx}", self._zero_bias)
-            b_hh = p.get(f"bias_hh_l{layer}{sfx}", self._zero_bias)
-            out.append((p[f"weight_ih_l{layer}{sfx}"], p[f"weight_hh_l{layer}{sfx}"], b_ih, b_hh))
+            w_ih, w_hh = (arrays[f"{kind}_l{layer}{sfx}"] for kind in _PARAM_KINDS[:2])
+            b_ih, b_hh = (arrays.get(f"{kind}_l{layer}{sfx}") for kind in _PARAM_KINDS[2:])
+            out.append(
+                (
+                    w_ih,
+                    w_hh,
+                    missing_bias() if b_ih is None else b_ih,
+                    missing_bias() if b_hh is None else b_hh,
+                )
+            )
         return out
 
-    def _grad_buffers(self, layer: int) -> list[tuple[Array, Array, Array, Array]]:
-        out = []
-        for sfx in self._suffixes():
-            g = self._grads
-            gh = self._gates * self.hidden_size
-            b_ih = g.get(f"bias_ih_l{layer}{sfx}", np.zeros(gh, self.dtype))
-            b_hh = g.get(f"bias_hh_l{layer}{sfx}", np.zeros(gh, self.dtype))
-            out.append((g[f"weight_ih_l{layer}{sfx}"], g[f"weight_hh_l{layer}{sfx}"], b_ih, b_hh))
-        return out
+    def _weights(self, layer: int) -> list[tuple[Array, Array, Array, Array]]:
+        """The kernels' 4-tuples of ``layer``'s parameters, per direction."""
+        return self._kernel_params[layer]
 
     def extra_repr(self) -> str:
         extra = f", num_layers={self.num_layers}" if self.num_layers > 1 else ""
@@ -371,7 +387,7 @@ class _Recurrent(Module):
                 dy,
                 None if dh is None else np.ascontiguousarray(dh[sl]),
                 None if dc is None else np.ascontiguousarray(dc[sl]),
-                grads=self._grad_buffers(layer),
+                grads=self._kernel_grads[layer],
                 dh_out=dh_out,
             )
             if dh_out is not None:
