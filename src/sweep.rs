@@ -1872,7 +1872,7 @@ pub fn step<T: Float>(
     // Otherwise the cut depends on the sizes alone, never on the thread count or the timing, and
     // so do the results.
     let dot = unpacked_by_dot::<T>(batch);
-    let min_bytes = if dot { STEP_SHARED_BYTES } else { STEP_CUT_BYTES };
+    let min_bytes = if dot { step_shared_bytes(batch) } else { STEP_CUT_BYTES };
     let share = burst && bytes >= min_bytes && crate::threads::get_num_threads() > 1;
     let cut = if dot { share } else { bytes >= min_bytes };
     let (whole, blocks) = ([(0, hidden)], if cut { unit_blocks(hidden) } else { Vec::new() });
@@ -1882,14 +1882,23 @@ pub fn step<T: Float>(
     Ok(())
 }
 
-/// From this many bytes of weights (all layers), streaming steps of up to
-/// [`crate::gemm::UNPACKED_DOT_MAX_ROWS`] rows that come in a burst are cut into unit blocks that
+/// From how many bytes of weights (all layers) streaming steps of `rows` rows, up to
+/// [`crate::gemm::UNPACKED_DOT_MAX_ROWS`], that come in a burst are cut into unit blocks that
 /// this thread and the kernel threads share, each thread reading its part of the weights from its
-/// own cache (from Python, LSTM H=256: 24 µs a step on 2 threads against 36 on 1, GRU 18
-/// against 26; from Rust, LSTM H=128 at batch 4 and 8: 18.7 and 36.9 µs against 31.8 and 56.4).
-/// Smaller steps run whole on the calling thread: at H=64 a step takes a few microseconds, about
-/// what sharing it costs.
-const STEP_SHARED_BYTES: usize = 256 << 10;
+/// own cache. At 1-4 rows a step is mostly the reading of the weights, from L2 when they fit:
+/// sharing costs a hand-over each way and pays only when one core's cache no longer holds them
+/// all. In turns in one process, batch 1, 2 threads against 1 (Ice Lake, 1.25 MB of L2 a core),
+/// the shared step took 1.20x the time (GRU H=128, 384 KB), 1.21x (RNN H=256, 512 KB), 1.10x
+/// (LSTM H=128, 512 KB), 0.91-1.03x from 600 to 800 KB, 0.57-0.79x at 968-1152 KB and 0.43x at
+/// 1.5-2 MB; at batch 4, 1.16-1.20x at 384-512 KB. From 5 rows the product's share of a step
+/// grows: at batch 5-8 sharing took 0.69-0.94x the time from 384 KB.
+fn step_shared_bytes(rows: usize) -> usize {
+    if rows <= 4 {
+        768 << 10
+    } else {
+        256 << 10
+    }
+}
 /// From this many bytes of weights, steps of more rows (faer's products) are always cut into
 /// unit blocks, shared by the threads when they come in a burst. At H=256 (1.5-2 MB of weights)
 /// and batch 4-64 the cut cost nothing on one thread (0.97-1.03×) and gained 1.50-1.86× on two;

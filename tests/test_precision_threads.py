@@ -124,9 +124,10 @@ def test_calls_led_by_the_caller_same_on_1_2_4_threads(cell, batch, bidirectiona
 @pytest.mark.parametrize("batch", [1, 2, 3, 8, 9])
 @pytest.mark.parametrize("cell", CELLS)
 def test_streaming_steps_same_on_one_and_two_threads(cell, batch, dtype, num_threads):
-    """Steps of a two-layer stack with 256 KB of weights or more, called back to back, are shared
-    by the calling thread and the kernel threads at batch 1-8 (the dot kernel's rows; at 9 they
-    are cut by their size alone): the same bits as on one thread, where they run whole, and
+    """Steps of a two-layer stack called back to back are shared by the calling thread and the
+    kernel threads at batch 1-8 (the dot kernel's rows), from 768 KB of weights at batch 1-4 (all
+    but the RNN's here) and from 256 KB at batch 8 (all); at 9 they are cut by their size alone:
+    the same bits as on one thread, where they run whole, and
     forward's outputs. H=130 cuts the steps into unit blocks of
     72 and 58, whose edges do not fall on the gates' edges in a whole step's products."""
     rng = np.random.default_rng(batch)

@@ -213,8 +213,8 @@ class _Recurrent(Module):
             new array), and the new state. The same as running :meth:`forward` over the steps one
             by one.
 
-        A step runs on the calling thread. For layers with 256 KB of weights or more at batch
-        1-8, or 1 MB or more at larger batches, steps that follow each other closely (under 0.2 ms
+        A step runs on the calling thread. For layers with 768 KB of weights or more at batch
+        1-4, 256 KB or more at batch 5-8, or 1 MB or more at larger batches, steps that follow each other closely (under 0.2 ms
         apart) are shared with the kernel threads (see :func:`rnnkit.set_num_threads`); the
         results are the same on any number of threads.
         """
