@@ -214,9 +214,9 @@ class _Recurrent(Module):
             by one.
 
         A step runs on the calling thread. For layers with 768 KB of weights or more at batch
-        1-4, 256 KB or more at batch 5-8, or 1 MB or more at larger batches, steps that follow each other closely (under 0.2 ms
-        apart) are shared with the kernel threads (see :func:`rnnkit.set_num_threads`); the
-        results are the same on any number of threads.
+        1-4, 256 KB or more at batch 5-8, or 1 MB or more at larger batches, steps that follow
+        each other closely (under 0.2 ms apart) are shared with the kernel threads (see
+        :func:`rnnkit.set_num_threads`); the results are the same on any number of threads.
         """
         stepper = self._stepper
         if stepper is None:
