@@ -1035,12 +1035,12 @@ fn steps_of_a_two_layer_stack_equal_two_forwards() {
     }
 }
 
-/// Steps whose weights are large enough to be cut into unit blocks that the threads share
-/// (H=130: blocks of 72 and 58 units; at batch 1-8, the dot kernel's rows, the steps of a burst
-/// are cut on two threads and not on one, from 768 KB of weights at batch 1-4 (LSTM and GRU in both
-/// types; the RNN's steps stay whole) and from 256 KB at batch 8 (all); at batch 9,
-/// from 1 MB, they are always cut: LSTM in both types, GRU in f64) give the reference's states (in f32 to 1e-3: the
-/// ReLU cell's states reach a few hundred), and the same bits on one thread as on two.
+/// Steps whose weights are large enough to be cut into unit blocks that the threads share give
+/// the reference's states (in f32 to 1e-3: the ReLU cell's states reach a few hundred), and the
+/// same bits on one thread as on two. H=130: blocks of 72 and 58 units. At batch 1-8, the dot
+/// kernel's rows, the steps of a burst are cut on two threads and not on one: from 768 KB of
+/// weights at batch 1-4 (LSTM and GRU in both types; the RNN's steps stay whole) and from 256 KB
+/// at batch 8 (all). At batch 9, from 1 MB, they are always cut: LSTM in both types, GRU in f64.
 #[test]
 fn steps_in_unit_blocks_on_one_and_two_threads() {
     let _guard = lock_threads();

@@ -127,9 +127,9 @@ def test_streaming_steps_same_on_one_and_two_threads(cell, batch, dtype, num_thr
     """Steps of a two-layer stack called back to back are shared by the calling thread and the
     kernel threads at batch 1-8 (the dot kernel's rows), from 768 KB of weights at batch 1-4 (all
     but the RNN's here) and from 256 KB at batch 8 (all); at 9 they are cut by their size alone:
-    the same bits as on one thread, where they run whole, and
-    forward's outputs. H=130 cuts the steps into unit blocks of
-    72 and 58, whose edges do not fall on the gates' edges in a whole step's products."""
+    the same bits as on one thread, where they run whole, and forward's outputs. H=130 cuts the
+    steps into unit blocks of 72 and 58, whose edges do not fall on the gates' edges in a whole
+    step's products."""
     rng = np.random.default_rng(batch)
     layer = make_layer(cell, 120, 130, 2, dtype=dtype, seed=3).eval()
     x = rng.standard_normal((batch, 6, 120)).astype(dtype)

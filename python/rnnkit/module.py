@@ -115,7 +115,7 @@ class Module:
         object.__setattr__(self, "_modules", {})
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if name[0] != "_":  # a private attribute is never a sub-module (the layers' per-call state)
+        if name[:1] != "_":  # a private attribute is never a sub-module (the layers' per-call state)
             if isinstance(value, Module):
                 self._modules[name] = value
             elif name in self.__dict__.get("_modules", ()):
