@@ -287,9 +287,13 @@ pub(crate) fn unpacked_by_dot<T: Float>(rows: usize) -> bool {
 /// `dst (+)= a * b` by the dot-product kernel (shapes checked, none empty), if `a`, `dst` and
 /// `b`'s transpose are row-major and the CPU has the kernel; false, with nothing done, if not.
 fn dot<T: Float>(dst: &MatMut<T>, accumulate: bool, a: &Mat<T>, b: &Mat<T>) -> bool {
-    let Some(kernel) = T::dot_kernel().filter(|_| a.cs == 1 && b.rs == 1 && dst.cs == 1) else {
+    let Some(mut kernel) = T::dot_kernel().filter(|_| a.cs == 1 && b.rs == 1 && dst.cs == 1) else {
         return false;
     };
+    let offset = b.ptr as usize % 64;
+    if offset != 0 && dst.rows == 1 && (b.cs as usize * std::mem::size_of::<T>()).is_multiple_of(64) {
+        kernel = T::shifted_dot_kernel(offset).unwrap_or(kernel);
+    }
     let args = DotArgs {
         m: dst.rows,
         k: a.cols,
@@ -779,13 +783,7 @@ macro_rules! dot_kernel {
                                 *s = $tree(lanes);
                             }
                         }
-                        for (r, mut sum) in sums.into_iter().enumerate() {
-                            for p in body..g.k {
-                                sum += *g.w.add((j0 + r) * g.ldw + p) * *x.add(p);
-                            }
-                            let y = y.add(r);
-                            *y = if g.accumulate { *y + sum } else { sum };
-                        }
+                        finish_row(g, body, x, y, j0, sums);
                     }
                 }
             }
@@ -827,6 +825,103 @@ macro_rules! dot_kernel {
             }
         }
     };
+}
+
+/// The end of the dot-product kernels' outputs `(i, j0 + r)` from their lane sums: the products
+/// past the vectors' part of k (`body`), in order, then the store (or add) at `y`, row `i` of `y`
+/// from column `j0`; `x` is row `i` of `x`.
+///
+/// # Safety
+/// The pointers of `g` must be valid for its shapes, `x` and `y` rows of them.
+#[inline(always)]
+unsafe fn finish_row<T: Float, const R: usize>(
+    g: &DotArgs<T>,
+    body: usize,
+    x: *const T,
+    y: *mut T,
+    j0: usize,
+    sums: [T; R],
+) {
+    for (r, mut sum) in sums.into_iter().enumerate() {
+        // SAFETY: (j0 + r, p) is inside w, p inside x's row, r inside y's row (the caller's shapes).
+        unsafe {
+            for p in body..g.k {
+                sum += *g.w.add((j0 + r) * g.ldw + p) * *x.add(p);
+            }
+            let y = y.add(r);
+            *y = if g.accumulate { *y + sum } else { sum };
+        }
+    }
+}
+
+/// [`dot_f32_512`] for one row of `x` against weights whose rows all start `S` floats past a
+/// 64-byte boundary (NumPy aligns its arrays to 16 bytes only, so an unpickled layer's weights
+/// start 4, 8 or 12 floats past one), with the same bits. Its loads of the weights are aligned,
+/// each vector 16 elements of a row from `S` before a multiple of 16, and `x` is loaded at the
+/// same elements (one load for eight rows); the lanes outside the row are loaded as zeros, which
+/// add nothing exactly. Lane `l` then sums the products that [`dot_f32_512`]'s lane
+/// `(l - S) mod 16` sums, in the same order, so rotating the lanes back before the same tree of
+/// adds gives the same result. The rows past the last whole block of eight go to
+/// [`dot_f32_512`]. Streaming steps of unpickled layers at batch 1, whose loads spanned two
+/// cache lines, took 1.19-1.86x the time of the same layers' aligned steps (H=64-384, one
+/// thread, in turns in one process); with this kernel 0.99-1.31x (with aligned loads joined
+/// two by two by `valignd` instead, the same bits, 1.00-1.39x).
+///
+/// # Safety
+/// As [`dot_f32_512`], with `g.m == 1`, `g.w` `S` floats past a 64-byte boundary and `g.ldw` a
+/// multiple of 16; the CPU must have AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+pub(crate) unsafe fn dot_f32_512_shifted<const S: i32>(g: &DotArgs<f32>) {
+    use std::arch::x86_64::*;
+    const R: usize = 8;
+    let body = g.k - g.k % 16;
+    let blocks = g.n - g.n % R;
+    if body == 0 {
+        // SAFETY: the caller's contract.
+        return unsafe { dot_f32_512(g) };
+    }
+    // The lanes of the first vector that hold a row's elements (from S), and of the last (to S).
+    let (head, tail): (__mmask16, __mmask16) = (!((1u16 << S) - 1), (1u16 << S) - 1);
+    // SAFETY: the caller's contract: vector q of a row holds its elements [16q - S, 16q + 16 - S),
+    // loaded from a 64-byte boundary; the lanes outside [0, body) are masked off (not read).
+    unsafe {
+        // (The first vectors start before x and before w's first row: wrapping arithmetic.)
+        let x = g.x.wrapping_sub(S as usize);
+        for j0 in (0..blocks).step_by(R) {
+            let w = |r: usize| g.w.wrapping_add((j0 + r) * g.ldw).wrapping_sub(S as usize);
+            let mut acc = [_mm512_setzero_ps(); R];
+            for p in (0..=body).step_by(16) {
+                let mask = match p {
+                    0 => head,
+                    _ if p == body => tail,
+                    _ => !0,
+                };
+                let xv = _mm512_maskz_loadu_ps(mask, x.wrapping_add(p));
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    *acc = _mm512_fmadd_ps(_mm512_maskz_load_ps(mask, w(r).wrapping_add(p)), xv, *acc);
+                }
+            }
+            // Lane l back to lane (l - S) mod 16. (For S = 4, 8 and 12 the tree below adds the
+            // same pairs either way, so this only keeps the lanes where the tree expects them.)
+            let acc = acc.map(|a| {
+                let a = _mm512_castps_si512(a);
+                _mm512_castsi512_ps(_mm512_alignr_epi32::<S>(a, a))
+            });
+            let mut sums = [0.0f32; R];
+            lane_sums8_f32_512(&acc, sums.as_mut_ptr());
+            finish_row(g, body, g.x, g.y.add(j0), j0, sums);
+        }
+        if blocks < g.n {
+            let rest = DotArgs {
+                n: g.n - blocks,
+                w: g.w.add(blocks * g.ldw),
+                y: g.y.add(blocks),
+                ..*g
+            };
+            dot_f32_512(&rest);
+        }
+    }
 }
 
 /// The lane sums of eight f32 vectors, stored at `out[0..8]` (`out[r]`: the sum of `a[r]`).
@@ -1197,6 +1292,84 @@ mod tests {
         }
         if level >= crate::simd::Level::Avx512 {
             check::<f32>(dot_f32_512, "dot_f32_512", 1e-5);
+        }
+    }
+
+    /// Values of magnitudes from 1e-3 to 1e3, so that sums in another order round differently.
+    fn varied(n: usize, seed: u64) -> Vec<f32> {
+        let mut state = seed;
+        (0..n)
+            .map(|i| {
+                state = state
+                    .wrapping_mul(6_364_136_223_846_793_005)
+                    .wrapping_add(1_442_695_040_888_963_407);
+                let unit = (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
+                unit * 10f32.powi(i as i32 % 7 - 3)
+            })
+            .collect()
+    }
+
+    /// The shifted AVX-512 kernel, on weights whose rows start 4, 8 or 12 floats past a 64-byte
+    /// boundary, gives the same bits as the plain one: k around the vector width (under 16 it
+    /// hands the product to the plain kernel), n around its blocks of eight rows, rows as long as
+    /// k or padded to the next multiple of 16; and so does `matmul_unpacked`, which picks it.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn shifted_dot_kernel_gives_the_plain_kernels_bits() {
+        if crate::simd::level() < crate::simd::Level::Avx512 {
+            eprintln!("shifted_dot_kernel_gives_the_plain_kernels_bits: no AVX-512 on this CPU, nothing to compare");
+            return;
+        }
+        for shift in [4usize, 8, 12] {
+            let kernel = f32::shifted_dot_kernel(4 * shift).expect("a kernel for 16, 32 and 48 bytes");
+            for k in [7usize, 16, 17, 33, 64, 130] {
+                let ldw = k.next_multiple_of(16);
+                for n in [1, 7, 8, 9, 16, 17, 40] {
+                    // w's rows from `shift` floats past a 64-byte boundary, in a buffer that ends
+                    // with its last row.
+                    let len = shift + (n - 1) * ldw + k;
+                    let mut buf = Aligned::<f32>::zeroed(len);
+                    buf.copy_from_slice(&varied(len, 1));
+                    let w = &buf[shift..];
+                    let x = varied(k, 2);
+                    for accumulate in [false, true] {
+                        let [plain, shifted] = [dot_f32_512 as DotKernel<f32>, kernel].map(|kernel| {
+                            let mut y: Vec<f32> = (0..n).map(|i| i as f32 * 0.01).collect();
+                            let args = DotArgs {
+                                m: 1,
+                                k,
+                                n,
+                                x: x.as_ptr(),
+                                ldx: k,
+                                w: w.as_ptr(),
+                                ldw,
+                                y: y.as_mut_ptr(),
+                                ldy: n,
+                                accumulate,
+                            };
+                            // SAFETY: the buffers hold the shapes of `args`; the CPU has AVX-512F
+                            // and w's rows start `shift` floats past a 64-byte boundary.
+                            unsafe { kernel(&args) };
+                            y
+                        });
+                        let same = plain.iter().zip(&shifted).all(|(a, b)| a.to_bits() == b.to_bits());
+                        assert!(same, "shift={shift} k={k} n={n} accumulate={accumulate}");
+                        // Through matmul_unpacked, which picks the kernel for the weights' offset.
+                        let mut y: Vec<f32> = (0..n).map(|i| i as f32 * 0.01).collect();
+                        matmul_unpacked(
+                            MatMut::new(&mut y, 1, n, n),
+                            accumulate,
+                            Mat::new(&x, 1, k, k),
+                            Mat::new(w, n, k, ldw).t(),
+                        );
+                        let same = plain.iter().zip(&y).all(|(a, b)| a.to_bits() == b.to_bits());
+                        assert!(
+                            same,
+                            "matmul_unpacked shift={shift} k={k} n={n} accumulate={accumulate}"
+                        );
+                    }
+                }
+            }
         }
     }
 

@@ -51,6 +51,12 @@ pub trait Float:
     fn panel_kernel() -> Option<crate::gemm::PanelKernel<Self>>;
     /// The dot-product kernel of `gemm::matmul` for few-row products, under the same condition.
     fn dot_kernel() -> Option<crate::gemm::DotKernel<Self>>;
+    /// The dot-product kernel for one row against weights whose rows all start `offset` bytes
+    /// past a 64-byte boundary, if there is one for that offset on this CPU (see
+    /// `gemm::dot_f32_512_shifted`): the same bits as [`Float::dot_kernel`]'s.
+    fn shifted_dot_kernel(_offset: usize) -> Option<crate::gemm::DotKernel<Self>> {
+        None
+    }
     /// `a * b + c` with one rounding (the FMA instruction).
     fn fused_mul_add(self, b: Self, c: Self) -> Self;
     /// `a * b + c`: fused in the kernel copies for instruction sets with FMA, two operations in
@@ -156,6 +162,19 @@ impl Float for f32 {
             Level::Avx2 => return Some(crate::gemm::dot_f32),
             Level::Scalar => {}
         }
+        None
+    }
+    fn shifted_dot_kernel(offset: usize) -> Option<crate::gemm::DotKernel<Self>> {
+        #[cfg(target_arch = "x86_64")]
+        if level() == Level::Avx512 {
+            match offset {
+                16 => return Some(crate::gemm::dot_f32_512_shifted::<4>),
+                32 => return Some(crate::gemm::dot_f32_512_shifted::<8>),
+                48 => return Some(crate::gemm::dot_f32_512_shifted::<12>),
+                _ => {}
+            }
+        }
+        let _ = offset;
         None
     }
     const NAME: &'static str = "float32";

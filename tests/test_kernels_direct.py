@@ -134,3 +134,40 @@ def test_core_backward_without_state_gradients_and_float32():
     for ta, tb in zip(grads, grads64, strict=True):
         for a, b in zip(ta, tb, strict=True):
             assert rel_error(a, b) <= 1e-5
+
+
+def at_offset(a, offset):
+    """A copy of ``a`` whose data starts ``offset`` bytes past a 64-byte boundary."""
+    buf = np.empty(a.nbytes + 128, dtype=np.uint8)
+    start = -buf.ctypes.data % 64 + offset
+    out = buf[start : start + a.nbytes].view(a.dtype).reshape(a.shape)
+    out[...] = a
+    return out
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("hidden", [32, 36, 48])
+def test_steps_on_weights_16_bytes_off_give_the_aligned_steps_bits(cell, hidden):
+    """NumPy aligns arrays to 16 bytes only (an unpickled layer's weights start 16, 32 or 48 bytes
+    past a cache line), and a batch-1 step then reads the weights with a kernel of its own
+    (aligned loads from before the rows' starts): the same bits as the steps over 64-byte-aligned
+    copies, at every offset. Rows of 48 (W_ih), 32 and 48 (W_hh) floats are a whole number of
+    cache lines, as that kernel needs; W_ih's 36, 108 or 144 rows at hidden=36 end with a part
+    of a block of eight rows (36 floats, W_hh's rows stay with the usual kernel)."""
+    rng = np.random.default_rng(hidden)
+    g = GATES[cell] * hidden
+    weights = [(0.3 * rng.standard_normal(s)).astype(np.float32) for s in [(g, 48), (g, hidden), (g,), (g,)]]
+    xs = rng.standard_normal((4, 1, 48)).astype(np.float32)
+
+    def run(offset):
+        stepper = _core.Stepper(cell, [tuple(at_offset(w, offset) for w in weights)])
+        state, ys = None, []
+        for x in xs:
+            y, state = stepper(x, state)
+            ys.append(y)
+        return np.stack(ys)
+
+    aligned = run(0)
+    assert np.isfinite(aligned).all() and np.abs(aligned).max() > 0.01
+    for offset in (16, 32, 48):
+        np.testing.assert_array_equal(run(offset), aligned, err_msg=f"{offset} bytes off")
