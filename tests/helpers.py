@@ -48,3 +48,13 @@ def mixed_lengths(batch, seq_len, rng):
     if batch > 2:
         rng.shuffle(lens)
     return lens.astype(np.int64)
+
+
+def at_offset(a, offset):
+    """A copy of ``a`` whose data starts ``offset`` bytes past a 64-byte boundary (NumPy aligns
+    its arrays to 16 bytes only, so an unpickled layer's start 0, 16, 32 or 48 bytes past one)."""
+    buf = np.empty(a.nbytes + 128, dtype=np.uint8)
+    start = -buf.ctypes.data % 64 + offset
+    out = buf[start : start + a.nbytes].view(a.dtype).reshape(a.shape)
+    out[...] = a
+    return out

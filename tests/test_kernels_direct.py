@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from helpers import CELLS
+from helpers import CELLS, at_offset
 from reference import GATES, loss, numerical_gradient, reference_forward, rel_error
 from rnnkit import _core
 
@@ -134,15 +134,6 @@ def test_core_backward_without_state_gradients_and_float32():
     for ta, tb in zip(grads, grads64, strict=True):
         for a, b in zip(ta, tb, strict=True):
             assert rel_error(a, b) <= 1e-5
-
-
-def at_offset(a, offset):
-    """A copy of ``a`` whose data starts ``offset`` bytes past a 64-byte boundary."""
-    buf = np.empty(a.nbytes + 128, dtype=np.uint8)
-    start = -buf.ctypes.data % 64 + offset
-    out = buf[start : start + a.nbytes].view(a.dtype).reshape(a.shape)
-    out[...] = a
-    return out
 
 
 @pytest.mark.parametrize("cell", CELLS)

@@ -12,7 +12,7 @@ import threading
 import numpy as np
 import pytest
 import rnnkit
-from helpers import CELLS, make_layer, mixed_lengths, random_state, split_state
+from helpers import CELLS, at_offset, make_layer, mixed_lengths, random_state, split_state
 from reference import reference_forward
 from rnnkit import _core
 
@@ -144,15 +144,6 @@ def test_batch_of_one_or_two_leaves_the_cache_empty():
     assert layer._caches[0].nbytes == 0
 
 
-def _off_alignment(a, offset_bytes):
-    """A copy of ``a`` whose data starts ``offset_bytes`` past a 64-byte boundary."""
-    buf = np.empty(a.nbytes + 128, dtype=np.uint8)
-    start = -buf.ctypes.data % 64 + offset_bytes
-    out = buf[start : start + a.nbytes].view(a.dtype).reshape(a.shape)
-    out[...] = a
-    return out
-
-
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("cell", CELLS)
 def test_batch_of_one_keeps_an_aligned_copy_of_misaligned_weights(cell, dtype):
@@ -167,7 +158,7 @@ def test_batch_of_one_keeps_an_aligned_copy_of_misaligned_weights(cell, dtype):
     want = _core.forward(layer._cell, x, aligned, None, None, None, True, False)[0]
     cache = _core.WeightCache()
     for offset, builds in ((0, 0), (16, 1), (48, 1)):
-        weights = [tuple(_off_alignment(a, offset) for a in aligned[0])]
+        weights = [tuple(at_offset(a, offset) for a in aligned[0])]
         got = _core.forward(layer._cell, x, weights, None, None, None, True, False, cache)[0]
         np.testing.assert_array_equal(got, want)
         assert cache.builds == builds * ONE, offset
