@@ -286,6 +286,8 @@ pub(crate) fn unpacked_by_dot<T: Float>(rows: usize) -> bool {
 
 /// `dst (+)= a * b` by the dot-product kernel (shapes checked, none empty), if `a`, `dst` and
 /// `b`'s transpose are row-major and the CPU has the kernel; false, with nothing done, if not.
+/// One row against weights whose rows all start off a cache line by the same amount goes to the
+/// kernel for that offset, when there is one ([`Float::shifted_dot_kernel`]): the same bits.
 fn dot<T: Float>(dst: &MatMut<T>, accumulate: bool, a: &Mat<T>, b: &Mat<T>) -> bool {
     let Some(mut kernel) = T::dot_kernel().filter(|_| a.cs == 1 && b.rs == 1 && dst.cs == 1) else {
         return false;
