@@ -52,10 +52,20 @@ fn current() -> Result<(usize, Arc<rayon::ThreadPool>), Error> {
     Ok((p.threads, p.pool.clone()))
 }
 
-/// Use `n` threads for the kernels from now on (1 = no threading).
+/// Use `n` threads for the kernels from now on (1 = no threading). The pool is kept when it
+/// already has `n` threads, so that setting the count a caller wants before each call costs
+/// nothing (a new pool's threads start cold).
 pub fn set_num_threads(n: usize) -> Result<(), Error> {
     if n == 0 {
         return Err(Error::Value("num_threads must be at least 1".into()));
+    }
+    if POOL
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .as_ref()
+        .is_some_and(|p| p.threads == n)
+    {
+        return Ok(());
     }
     let pool = build(n)?;
     *POOL.write().unwrap_or_else(|e| e.into_inner()) = Some(pool);
@@ -314,6 +324,17 @@ mod tests {
         set_small_call_flops(0);
         assert_eq!(on_pool(0, false), (true, 2));
         set_small_call_flops(SMALL_CALL_FLOPS);
+    }
+
+    /// Setting the count the pool already has keeps the pool.
+    #[test]
+    fn the_same_count_keeps_the_pool() {
+        set_num_threads(2).unwrap();
+        let (_, before) = current().unwrap();
+        set_num_threads(2).unwrap();
+        let (n, after) = current().unwrap();
+        assert_eq!(n, 2);
+        assert!(Arc::ptr_eq(&before, &after), "a new pool was built");
     }
 
     /// The job runs on a pool thread and its result and writes through borrows reach the caller,
