@@ -589,28 +589,39 @@ fn zero_padding<T: Float>(layer: &Layer, plan: &Plan, buf: &mut [T], width: usiz
     }
 }
 
-/// `f(index, item)` for every item (directions, batch slices, row parts), on `threads` threads
-/// when there are several items and threads, else in order on this one. Called from outside the
-/// pool (a call [`led_by_caller`]), this thread and the pool's threads take the items in turn
-/// (see [`crate::threads::with_caller`]).
+/// `f(index, item)` for every item (directions, batch slices, row parts, product tasks), on
+/// `threads` threads when there are several items and threads, else in order on this one. The
+/// threads take the items one at a time, in order, from a shared counter: inside the pool (a call
+/// handed to it) its threads, and from outside it (a call [`led_by_caller`]) this thread with the
+/// pool's as helpers (see [`crate::threads::with_caller`]). Inside the pool, rayon's own parallel
+/// iterator had been used: it hands each thread runs of consecutive items, split further only
+/// when a thread steals, which can leave one thread with the end of a run of uneven tasks (the
+/// input projection's 78 at LSTM B=8) while the other waits (the likely cause; not traced). Taken
+/// one at a time instead, in turns in one process on two threads (AMD EPYC, AVX2), the projection
+/// took 0.84-0.89x the time at B=8 (I=128, H=256) and 0.93x at B=64 (I=H=512), the LSTM's
+/// inference call 0.91-0.96x; training calls, whose products mostly run in the GEMM crates'
+/// own threading, were unchanged (0.99-1.03x, within the noise).
 fn map_items<I: Send, R: Send>(items: Vec<I>, threads: usize, f: impl Fn(usize, I) -> R + Sync) -> Vec<R> {
     if items.len() < 2 || threads < 2 {
         return items.into_iter().enumerate().map(|(d, it)| f(d, it)).collect();
     }
-    if rayon::current_thread_index().is_some() {
-        return items.into_par_iter().enumerate().map(|(d, it)| f(d, it)).collect();
-    }
     // Each slot holds its item until one thread takes it, then what `f` made of it. (A panic in
-    // `f` reaches the caller through `with_caller` before the slots are read.)
+    // `f` reaches the caller, through rayon or `with_caller`, before the slots are read.)
     let slots: Vec<Mutex<(Option<I>, Option<R>)>> = items.into_iter().map(|it| Mutex::new((Some(it), None))).collect();
     let next = AtomicUsize::new(0);
-    crate::threads::with_caller(threads.min(slots.len()), &|_| loop {
+    let work = |_: usize| loop {
         let i = next.fetch_add(1, Ordering::Relaxed);
         let Some(slot) = slots.get(i) else { break };
         let item = slot.lock().expect("no panic holds a slot").0.take();
         let out = f(i, item.expect("each item is taken once"));
         slot.lock().expect("no panic holds a slot").1 = Some(out);
-    });
+    };
+    let members = threads.min(slots.len());
+    if rayon::current_thread_index().is_some() {
+        (0..members).into_par_iter().for_each(work);
+    } else {
+        crate::threads::with_caller(members, &work);
+    }
     slots
         .into_iter()
         .map(|s| {
