@@ -599,7 +599,7 @@ fn zero_padding<T: Float>(layer: &Layer, plan: &Plan, buf: &mut [T], width: usiz
 /// input projection's 78 at LSTM B=8) while the other waits (the likely cause; not traced). Taken
 /// one at a time instead, in turns in one process on two threads (AMD EPYC, AVX2), the projection
 /// took 0.84-0.89x the time at B=8 (I=128, H=256) and 0.93x at B=64 (I=H=512), the LSTM's
-/// inference call 0.91-0.96x; training calls, whose products mostly run in the GEMM crates'
+/// inference call 0.91-0.98x; training calls, whose products mostly run in the GEMM crates'
 /// own threading, were unchanged (0.99-1.03x, within the noise).
 fn map_items<I: Send, R: Send>(items: Vec<I>, threads: usize, f: impl Fn(usize, I) -> R + Sync) -> Vec<R> {
     if items.len() < 2 || threads < 2 {
