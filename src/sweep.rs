@@ -1135,8 +1135,10 @@ impl<C: Cell, T: Float> Sweep<'_, C, T> {
         let ch = if C::HAS_C { h } else { 0 };
         let perm = &self.plan.perm[off..off + n];
         let lens = &self.plan.lens[off..off + n];
-        let mut hs = [vec![T::ZERO; n * h], vec![T::ZERO; n * h]];
-        let mut cs = [vec![T::ZERO; n * ch], vec![T::ZERO; n * ch]];
+        // Aligned, so that the blocks' units of a row meet on a cache line only where their
+        // unit blocks do (see `team.rs`).
+        let mut hs = [Aligned::zeroed(n * h), Aligned::zeroed(n * h)];
+        let mut cs = [Aligned::zeroed(n * ch), Aligned::zeroed(n * ch)];
         for (r, &b) in perm.iter().enumerate() {
             if let Some(h0) = h0 {
                 hs[0][r * h..(r + 1) * h].copy_from_slice(&h0[b * h..(b + 1) * h]);
@@ -1610,8 +1612,9 @@ impl<C: Cell, T: Float> Sweep<'_, C, T> {
         let lens = &self.plan.lens[off..off + n];
         // Aligned, as the packed kernel adds `dG W_hh` into it with 64-byte loads and stores.
         let mut dh = Aligned::zeroed(n * h);
-        let mut dc = vec![T::ZERO; n * ch];
-        let mut dgh = [vec![T::ZERO; n * gh], vec![T::ZERO; n * gh]];
+        // These too, so that blocks meet on a cache line only where their unit blocks do.
+        let mut dc = Aligned::zeroed(n * ch);
+        let mut dgh = [Aligned::zeroed(n * gh), Aligned::zeroed(n * gh)];
         for (r, &b) in perm.iter().enumerate() {
             if let Some(s) = inp.dhn {
                 dh[r * h..(r + 1) * h].copy_from_slice(&s[b * h..(b + 1) * h]);

@@ -3,13 +3,14 @@
 //! the blocks with one synchronisation per step (a counter of blocks done) instead of a fork and
 //! a join per product and per pointwise pass.
 //!
-//! Each member owns the blocks `j ≡ member (mod members)` and runs them step after step, so that
-//! its share of the weights stays in its own cache; a member done with its own blocks takes those
-//! of the step that no one has claimed yet. So the loop never waits for a thread that the OS has
-//! not scheduled (a sleeping thread can take milliseconds to wake on a VM) and balances itself
-//! when one core runs slower: every block is claimed exactly once, by a thread that is running,
-//! and a thread only waits for blocks already claimed, which makes the scheme free of deadlocks
-//! whatever the pool does.
+//! Each member owns a run of consecutive blocks and runs them step after step, so that its share
+//! of the weights stays in its own cache, and so that the rows it writes meet another member's at
+//! one boundary only (a cache line two cores write in turn); a member done with its own blocks
+//! takes those of the step that no one has claimed yet. So the loop never waits for a thread that
+//! the OS has not scheduled (a sleeping thread can take milliseconds to wake on a VM) and balances
+//! itself when one core runs slower: every block is claimed exactly once, by a thread that is
+//! running, and a thread only waits for blocks already claimed, which makes the scheme free of
+//! deadlocks whatever the pool does.
 //! The work function must not use the rayon pool itself (a member waiting in a nested rayon call
 //! could be handed another member's loop).
 
@@ -108,11 +109,20 @@ impl Team {
                 return;
             }
             // Its own blocks first, then whatever the others have not claimed yet.
-            let own = (p..self.blocks).step_by(self.members);
-            for j in own.chain((0..self.blocks).filter(|j| j % self.members != p)) {
+            let own = self.owned(p);
+            for j in own.clone().chain((0..self.blocks).filter(|j| !own.contains(j))) {
                 take(j, s);
             }
         }
+    }
+
+    /// The blocks member `p` owns: the `p`-th of `members` runs of consecutive blocks, as even
+    /// as they divide. Owning every `members`-th block instead had two members' blocks meet at
+    /// every boundary; in turns in one process, 2 threads (Intel Xeon, AVX-512), consecutive
+    /// blocks together with cache-line-aligned state buffers took 0.90-0.98x the time on the
+    /// LSTM, GRU and RNN at B=1 and B=8, training and inference, and on LSTM training at B=64.
+    fn owned(&self, p: usize) -> std::ops::Range<usize> {
+        p * self.blocks / self.members..(p + 1) * self.blocks / self.members
     }
 
     /// Wait until `target` blocks are done, with what they wrote visible. False if a block
@@ -189,6 +199,26 @@ mod tests {
                 log, want,
                 "blocks={blocks} members={members} threads={threads} led={led}"
             );
+        }
+    }
+
+    /// The members' runs of blocks cover every block once, in order, as even as they divide.
+    #[test]
+    fn owned_runs_cover_the_blocks() {
+        for blocks in 1..=9 {
+            for members in 1..=12 {
+                let team = Team::new(blocks, members);
+                let runs: Vec<_> = (0..team.members).map(|p| team.owned(p)).collect();
+                let all: Vec<usize> = runs.iter().cloned().flatten().collect();
+                assert_eq!(
+                    all,
+                    (0..blocks).collect::<Vec<_>>(),
+                    "blocks={blocks} members={members}"
+                );
+                let sizes = runs.iter().map(|r| r.len());
+                assert!(sizes.clone().min().unwrap() >= 1, "blocks={blocks} members={members}");
+                assert!(sizes.clone().max().unwrap() - sizes.min().unwrap() <= 1);
+            }
         }
     }
 
