@@ -1905,7 +1905,10 @@ pub fn step<T: Float>(
 /// the shared step took 1.20x the time (GRU H=128, 384 KB), 1.21x (RNN H=256, 512 KB), 1.10x
 /// (LSTM H=128, 512 KB), 0.91-1.03x from 600 to 800 KB, 0.57-0.79x at 968-1152 KB and 0.43x at
 /// 1.5-2 MB; at batch 4, 1.16-1.20x at 384-512 KB. From 5 rows the product's share of a step
-/// grows: at batch 5-8 sharing took 0.69-0.94x the time from 384 KB.
+/// grows: at batch 5-8 sharing took 0.69-0.94x the time from 384 KB. The break-even does not
+/// follow the L2's size: with 2 MB of L2 a core (Intel Xeon, AVX-512), batch 1, the shared step
+/// took 1.23-2.16x the time up to 512 KB, 0.96-1.05x at 600-864 KB (LSTM, GRU, RNN), 0.83-0.88x
+/// at 1.15 MB and 0.28-0.34x at 2-3.2 MB.
 fn step_shared_bytes(rows: usize) -> usize {
     if rows <= 4 {
         768 << 10
