@@ -1907,8 +1907,8 @@ pub fn step<T: Float>(
 /// 1.5-2 MB; at batch 4, 1.16-1.20x at 384-512 KB. From 5 rows the product's share of a step
 /// grows: at batch 5-8 sharing took 0.69-0.94x the time from 384 KB. The break-even does not
 /// follow the L2's size: with 2 MB of L2 a core (Intel Xeon, AVX-512), batch 1, the shared step
-/// took 1.23-2.16x the time up to 512 KB, 0.96-1.05x at 600-864 KB (LSTM, GRU, RNN), 0.83-0.88x
-/// at 1.15 MB and 0.28-0.34x at 2-3.2 MB.
+/// took 1.15-2.16x the time up to 600 KB, 0.96-1.05x at 800-864 KB (LSTM, GRU, RNN), 0.83-0.88x
+/// at 1.15-1.18 MB and 0.28-0.60x from 1.5 MB.
 fn step_shared_bytes(rows: usize) -> usize {
     if rows <= 4 {
         768 << 10

@@ -119,8 +119,9 @@ impl Team {
     /// The blocks member `p` owns: the `p`-th of `members` runs of consecutive blocks, as even
     /// as they divide. Owning every `members`-th block instead had two members' blocks meet at
     /// every boundary; in turns in one process, 2 threads (Intel Xeon, AVX-512), consecutive
-    /// blocks together with cache-line-aligned state buffers took 0.90-0.98x the time on the
-    /// LSTM, GRU and RNN at B=1 and B=8, training and inference, and on LSTM training at B=64.
+    /// blocks together with cache-line-aligned state buffers took 0.90-1.01x the time on the
+    /// LSTM, GRU and RNN at B=1 and B=8, training and inference; the ownership alone 0.97x on LSTM
+    /// training at B=64, 1.005x on inference.
     fn owned(&self, p: usize) -> std::ops::Range<usize> {
         p * self.blocks / self.members..(p + 1) * self.blocks / self.members
     }
