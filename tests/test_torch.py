@@ -76,7 +76,7 @@ def run_rnnkit(layer, x, h0, c0, lengths, wy, wh, wc):
     return res
 
 
-@pytest.mark.parametrize("hidden", [H, 20])
+@pytest.mark.parametrize("hidden", [H, 20, 200])
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
 @pytest.mark.parametrize("cell", CELLS)
 def test_matches_torch(cell, packed, hidden):
