@@ -346,6 +346,14 @@ const UNIT_BLOCK: usize = 64;
 const MIN_BLOCKS: usize = 4;
 /// Fewest rows in a row part.
 const MIN_PART_ROWS: usize = 16;
+/// Up to this many bytes of `W_hh`, the rows are cut in two too (from `2 * MIN_PART_ROWS` rows),
+/// so that each of two team members owns whole rows of the state (see [`Tiles::get`]) while
+/// reading all of `W_hh`, which its L2 still holds. In turns in one process, 2 threads, B=32-64
+/// (Intel Xeon, 2 MB of L2 a core), against unit blocks over all rows: 0.86-0.97x the time at
+/// 256 KB-1 MB (LSTM H=256, GRU H=256, RNN H=256-512; inference and training); above it
+/// 0.98-1.02x from 1.8 to 4 MB (GRU and LSTM H=384-512) and 1.04x in inference at 16 MB (LSTM
+/// H=1024). Like the rest of the cut, it depends on the sizes alone, never on the thread count.
+const ROW_CUT_BYTES: usize = 1 << 20;
 
 /// The hidden units `[u0, u1)` of each unit block: about `UNIT_BLOCK` wide, multiples of 8
 /// (a vector) but the last, their count [`balanced`] (H=192 had three blocks, and ran 1.15x
@@ -366,8 +374,13 @@ struct Tiles {
 }
 
 impl Tiles {
-    fn new(rows: usize, unit_blocks: usize) -> Tiles {
-        let row_parts = MIN_BLOCKS.div_ceil(unit_blocks).min(rows / MIN_PART_ROWS).max(1);
+    fn new(rows: usize, unit_blocks: usize, w_hh_bytes: usize) -> Tiles {
+        let least = if w_hh_bytes <= ROW_CUT_BYTES { 2 } else { 1 };
+        let row_parts = MIN_BLOCKS
+            .div_ceil(unit_blocks)
+            .max(least)
+            .min(rows / MIN_PART_ROWS)
+            .max(1);
         Tiles { unit_blocks, row_parts }
     }
     fn count(&self) -> usize {
@@ -794,6 +807,13 @@ struct Sweep<'a, C, T> {
     reverse: bool,
 }
 
+impl<C, T> Sweep<'_, C, T> {
+    /// The bytes of the layer's W_hh (one direction).
+    fn w_hh_bytes(&self) -> usize {
+        self.layer.gh() * self.layer.dims.hidden * std::mem::size_of::<T>()
+    }
+}
+
 /// The rows of `m`, a (G*H x cols) matrix of G gate blocks (row-major), reordered unit block by
 /// unit block: for each block `[u0, u1)` of `units`, its rows of every gate in gate order.
 fn by_unit_block<T: Float>(m: &[T], gates: usize, h: usize, cols: usize, units: &[(usize, usize)]) -> Vec<T> {
@@ -1157,7 +1177,7 @@ impl<C: Cell, T: Float> Sweep<'_, C, T> {
         let [ca, cb] = &mut cs;
         let (hp, cp) = ([Ptr::new(ha), Ptr::new(hb)], [Ptr::new(ca), Ptr::new(cb)]);
         let active = active_rows(lens);
-        let tiles = Tiles::new(n, self.units.len());
+        let tiles = Tiles::new(n, self.units.len(), self.w_hh_bytes());
         let w = widest(self.units);
         // Aligned, as the packed kernel's 64-byte stores of the product land in it.
         let scratch = || Aligned::zeroed(n * C::GATES * w);
@@ -1671,7 +1691,7 @@ impl<C: Cell, T: Float> Sweep<'_, C, T> {
         let zeros = vec![T::ZERO; h];
         let steps = lens[0];
         let active = active_rows(lens);
-        let tiles = Tiles::new(n, np);
+        let tiles = Tiles::new(n, np, self.w_hh_bytes());
         let w = widest(self.units);
         let scratch = || vec![T::ZERO; 2 * C::GATES * w];
         team::run(tiles.count(), members, steps + 1, scratch, |scratch, j, i| {
