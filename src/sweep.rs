@@ -1753,7 +1753,7 @@ impl<C: Cell, T: Float> Kernel for BwdTile<'_, '_, C, T> {
         let (inp, out) = (self.inp, self.out);
         let (b0, b1) = inp.parts[self.part];
         let (pu0, pu1) = (sw.units[b0].0, sw.units[b1 - 1].1);
-        let kp = C::GATES * (pu1 - pu0);
+        let (width, kp) = (pu1 - pu0, C::GATES * (pu1 - pu0));
         let (r0, r1) = self.rows;
         let n = self.perm.len();
         let next = self.ran_next.min(r1).saturating_sub(r0);
@@ -1762,20 +1762,18 @@ impl<C: Cell, T: Float> Kernel for BwdTile<'_, '_, C, T> {
         // partials, those units of row kr of dgx and dgh_all, of row xr of dh_seq, and of row b
         // of dh0 / dc0; no one writes the read partials during the iteration.
         unsafe {
-            // dL/dh_s += the partial products of step s+1, added in part order.
-            let np = inp.parts.len();
+            // dL/dh_s += the partial products of step s+1 (one or two parts, see `bwd_parts`),
+            // the two added together first.
             for r in r0..r0 + next {
-                let dh = self.dh.slice(r * h + pu0, pu1 - pu0);
-                let first = self.partials.0.read(r * h + pu0, pu1 - pu0);
-                let mut sum = [T::ZERO; 64];
-                for (c0, (dh, first)) in (pu0..pu1).step_by(64).zip(dh.chunks_mut(64).zip(first.chunks(64))) {
-                    let sum = &mut sum[..dh.len()];
-                    sum.copy_from_slice(first);
-                    for q in 1..np {
-                        let other = self.partials.0.read((q * n + r) * h + c0, dh.len());
-                        sum.iter_mut().zip(other).for_each(|(a, &b)| *a += b);
+                let dh = self.dh.slice(r * h + pu0, width);
+                let first = self.partials.0.read(r * h + pu0, width);
+                if inp.parts.len() == 1 {
+                    dh.iter_mut().zip(first).for_each(|(a, &p)| *a += p);
+                } else {
+                    let second = self.partials.0.read((n + r) * h + pu0, width);
+                    for ((a, &p), &q) in dh.iter_mut().zip(first).zip(second) {
+                        *a += p + q;
                     }
-                    dh.iter_mut().zip(&*sum).for_each(|(a, &b)| *a += b);
                 }
             }
         }
@@ -1784,12 +1782,12 @@ impl<C: Cell, T: Float> Kernel for BwdTile<'_, '_, C, T> {
                 let b = self.perm[r];
                 unsafe {
                     out.dh0
-                        .slice(b * h + pu0, pu1 - pu0)
-                        .copy_from_slice(self.dh.read(r * h + pu0, pu1 - pu0));
+                        .slice(b * h + pu0, width)
+                        .copy_from_slice(self.dh.read(r * h + pu0, width));
                     if C::HAS_C {
                         out.dc0
-                            .slice(b * h + pu0, pu1 - pu0)
-                            .copy_from_slice(self.dc.read(r * h + pu0, pu1 - pu0));
+                            .slice(b * h + pu0, width)
+                            .copy_from_slice(self.dc.read(r * h + pu0, width));
                     }
                 }
             }
