@@ -75,25 +75,34 @@ pub fn take<T: Send + 'static>(n: usize) -> Vec<T> {
 /// (padding) are zeroed by [`ToWrite::zero_rows`] (zeroing a training step's whole tape and gate
 /// gradients had been 2.25% of an LSTM's training profile at batch 8, and 6% of an RNN's at
 /// batch 64 with lengths). Debug builds fill it with NaN first, so that an element missed shows
-/// in the results.
+/// in the results. Its first element starts on [`ALIGN`] bytes, as an [`Aligned`] buffer's: the
+/// blocks of a step write their pieces of a row side by side (the tape's, backward's gate
+/// gradients), and those then meet on a cache line only where the pieces' own boundaries do, and
+/// the vector loads of a row start on one. Against the allocator's 16 bytes, in turns in one
+/// process, 2 threads (Intel Xeon): training at B=8, H=256 took 0.95-0.97x the time (LSTM, GRU,
+/// RNN), at B=64, H=512 0.97-0.985x; inference at B=64 0.975-0.98x, at B=1 and B=8 0.98-1.00x.
 pub struct ToWrite<T> {
     v: Vec<T>,
+    off: usize,
     n: usize,
 }
 
 impl<T: Float> ToWrite<T> {
     pub fn new(n: usize) -> Self {
-        let mut v = take(n);
+        let pad = ALIGN / std::mem::size_of::<T>();
+        let mut v = take(n + pad);
         if cfg!(debug_assertions) {
-            v.resize(n, T::from_f64(f64::NAN));
+            v.resize(n + pad, T::from_f64(f64::NAN));
             v.clear();
         }
-        ToWrite { v, n }
+        let off = v.as_ptr().align_offset(ALIGN).min(pad);
+        ToWrite { v, off, n }
     }
 
     /// Where the pass writes.
     pub fn ptr(&mut self) -> *mut T {
-        self.v.as_mut_ptr()
+        // SAFETY: the capacity holds `off + n` elements.
+        unsafe { self.v.as_mut_ptr().add(self.off) }
     }
 
     /// Zero the rows `rows` of the buffer, seen as rows of `width` elements.
@@ -101,7 +110,7 @@ impl<T: Float> ToWrite<T> {
         for r in rows {
             assert!((r + 1) * width <= self.n, "row {r} of a ToWrite buffer");
             // SAFETY: the row is inside the buffer's capacity (checked), and zero is a valid T.
-            unsafe { std::ptr::write_bytes(self.v.as_mut_ptr().add(r * width), 0, width) };
+            unsafe { std::ptr::write_bytes(self.ptr().add(r * width), 0, width) };
         }
     }
 
@@ -110,16 +119,31 @@ impl<T: Float> ToWrite<T> {
     /// # Safety
     /// Every element must have been written, through [`ToWrite::ptr`] or by
     /// [`ToWrite::zero_rows`].
-    pub unsafe fn written(mut self) -> Vec<T> {
-        // SAFETY: the capacity holds `n` elements, all initialised (by the caller's promise).
-        unsafe { self.v.set_len(self.n) };
-        self.v
+    pub unsafe fn written(mut self) -> Aligned<T> {
+        // SAFETY: the capacity holds `off + n` elements: the `off` before the buffer's start
+        // are zeroed here, the `n` after it were written (by the caller's promise).
+        unsafe {
+            std::ptr::write_bytes(self.v.as_mut_ptr(), 0, self.off);
+            self.v.set_len(self.off + self.n);
+        }
+        Aligned {
+            v: self.v,
+            off: self.off,
+            len: self.n,
+        }
     }
 }
 
-/// Keep `v` for a later call, within the bounds.
-pub fn give<T: Send + 'static>(v: Vec<T>) {
-    spare().give(v)
+/// Keep a buffer for a later call, within the bounds.
+pub fn give<T: Send + 'static>(b: impl Into<Vec<T>>) {
+    spare().give(b.into())
+}
+
+/// An unwritten buffer's memory, to give back.
+impl<T> From<ToWrite<T>> for Vec<T> {
+    fn from(b: ToWrite<T>) -> Vec<T> {
+        b.v
+    }
 }
 
 /// Bytes a buffer of [`Aligned`] is aligned to: a cache line, and the width of an AVX-512 load,
@@ -149,6 +173,13 @@ impl<T: Float> Aligned<T> {
         let v = vec![T::ZERO; len + pad];
         let off = v.as_ptr().align_offset(ALIGN).min(pad);
         Aligned { v, off, len }
+    }
+}
+
+/// A buffer's memory, to give back.
+impl<T> From<Aligned<T>> for Vec<T> {
+    fn from(b: Aligned<T>) -> Vec<T> {
+        b.v
     }
 }
 
@@ -184,6 +215,34 @@ mod tests {
         let b = Aligned::<f64>::zeroed(7);
         assert_eq!(b.as_ptr() as usize % ALIGN, 0);
         assert!(b.iter().all(|&v| v == 0.0));
+    }
+
+    /// A buffer to write starts on a 64-byte boundary, and holds what was written there once
+    /// written; given back, its memory is handed out again.
+    #[test]
+    fn buffers_to_write_start_on_a_cache_line() {
+        for n in [1, 17, 1000, 100_000] {
+            let mut b = ToWrite::<f32>::new(n);
+            let p = b.ptr();
+            assert_eq!(p as usize % ALIGN, 0, "f32 x {n}");
+            for i in 0..n {
+                // SAFETY: the buffer holds n elements from `p`.
+                unsafe { *p.add(i) = i as f32 };
+            }
+            // SAFETY: every element was written.
+            let a = unsafe { b.written() };
+            assert_eq!(a.as_ptr(), p.cast_const());
+            assert!(a.iter().enumerate().all(|(i, &v)| v == i as f32), "f32 x {n}");
+            let memory = Vec::from(a);
+            assert!((p as usize) - (memory.as_ptr() as usize) < ALIGN);
+            let mut s = Spare(Vec::new());
+            let start = memory.as_ptr();
+            s.give(memory);
+            let again = s.take::<f32>(n);
+            assert_eq!(again.as_ptr(), start, "f32 x {n}");
+        }
+        let mut d = ToWrite::<f64>::new(9);
+        assert_eq!(d.ptr() as usize % ALIGN, 0);
     }
 
     /// A buffer given back is handed out again, to a request of its type that it fits, the

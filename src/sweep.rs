@@ -113,18 +113,18 @@ struct DirTape<T: Float> {
     /// The cell's saved values per (t, b), in the rows of [`Rows`]; in each row, unit block by
     /// unit block (a block's `SAVED` pieces of its width side by side), so that a block of a
     /// step writes and reads its own as one piece.
-    saved: Vec<T>,
+    saved: Aligned<T>,
     /// x_t then h_{t-1}, side by side in one row per (t, b) ([`Rows`]), zero past a sequence's
     /// length where those rows are kept: what `dW_ih` and `dW_hh` are products with, so that one
     /// GEMM computes both when they share the gate gradients (see `backward_impl`).
-    xh: Vec<T>,
+    xh: Aligned<T>,
 }
 
 /// The tape's big buffers go back to [`buffers`] for the next training step.
 impl<T: Float> Drop for DirTape<T> {
     fn drop(&mut self) {
-        buffers::give(std::mem::take(&mut self.saved));
-        buffers::give(std::mem::take(&mut self.xh));
+        buffers::give(std::mem::replace(&mut self.saved, Aligned::zeroed(0)));
+        buffers::give(std::mem::replace(&mut self.xh, Aligned::zeroed(0)));
     }
 }
 
@@ -708,10 +708,10 @@ fn forward_impl<C: Cell, T: Float>(
                 &own
             }
         };
-        // Read through `xw` only, once written (its length stays 0: it goes back to the spares).
-        let mut xw_buf = buffers::take::<T>(nrows * gh);
+        // Read through `xw` only, once written.
+        let mut xw_buf = ToWrite::<T>::new(nrows * gh);
         let xw = InputProj {
-            data: Ptr(xw_buf.as_mut_ptr()),
+            data: Ptr(xw_buf.ptr()),
             gh,
             rows: Rows(at.as_deref()),
         };
