@@ -1,8 +1,9 @@
 //! The time loop of every cell: one layer, one or two directions, forward and backward through
 //! time.
 //!
-//! Forward: the input projection of all time steps is one GEMM before the loop; each step is one
-//! recurrent GEMM over the sequences still running, then one fused pointwise pass (the cell's).
+//! Forward: the input projection is made by the loop's threads, [`PROJ_STEPS`] steps ahead, each
+//! its own hidden units' columns; each step is one recurrent GEMM over the sequences still
+//! running, then one fused pointwise pass (the cell's).
 //! Backward: only `dh_{t-1} = dG_t W_hh` stays in the loop; dW_ih, dW_hh and dx are GEMMs over
 //! all T*B rows after it, the bias gradients column sums.
 //!
@@ -10,7 +11,8 @@
 //! row order of the caller's x ("x-order": row(t, b) = t*st + b*sb), so that the big GEMMs read
 //! and write those buffers as they are, without gathers or transposes; with variable lengths
 //! whose padding is worth skipping, what the layer makes for itself (the input projection, the
-//! tape, the gate gradients) holds the valid rows only, packed in x order (see `Rows`). The state
+//! tape, the gate gradients) holds the valid rows only, packed sequence by sequence (see `Rows`),
+//! so that a sequence's steps are consecutive rows there in either layout. The state
 //! carried from step to step is compact instead: row r of the state is sequence `perm[r]`, with
 //! the sequences sorted by length (longest first) inside each thread's slice, so the sequences
 //! still running at a step are a prefix of the slice and the recurrent GEMM does no work past a
@@ -566,21 +568,21 @@ fn as_bytes<T: Float>(s: &[T]) -> &[u8] {
     unsafe { std::slice::from_raw_parts(s.as_ptr().cast(), std::mem::size_of_val(s)) }
 }
 
-/// The x-order rows inside the sequences' lengths, in increasing order, when at least a tenth
-/// of the rows is padding: the big GEMMs then run on those rows gathered into a dense block
-/// (copying them costs a few percent of the GEMMs' time).
+/// The x-order rows inside the sequences' lengths, sequence by sequence (each one's steps in time
+/// order), when at least a tenth of the rows is padding: the big GEMMs then run on those rows
+/// gathered into a dense block (copying them costs a few percent of the GEMMs' time), and a
+/// sequence's run of steps is a run of consecutive rows, whatever the layout of x.
 fn valid_rows(layer: &Layer, lengths: Option<&[usize]>) -> Option<Vec<usize>> {
     let l = lengths?;
     let total: usize = l.iter().sum();
     if total * 10 > layer.rows() * 9 {
         return None;
     }
-    let mut idx: Vec<usize> = l
+    let idx: Vec<usize> = l
         .iter()
         .enumerate()
         .flat_map(|(b, &len)| (0..len).map(move |t| layer.row(t, b)))
         .collect();
-    idx.sort_unstable();
     Some(idx)
 }
 
@@ -715,17 +717,13 @@ fn forward_impl<C: Cell, T: Float>(
             gh,
             rows: Rows(at.as_deref()),
         };
-        // Led, each block of a sweep's first team step projects its own unit block's columns.
-        let project = led.then_some(Projection {
+        let project = Projection {
             x: &xs,
-            rows: nrows,
             input: d.input,
-            w_ih: w.w_ih,
-        });
-        if !led {
-            // SAFETY: the buffer has room for the projection, and nothing else touches it yet.
-            unsafe { project_inputs(xw.data, &xs, nrows, d.input, gh, prep, pool) };
-        }
+            stride: if at.is_some() { 1 } else { layer.strides().0 },
+            steps: if led { d.seq_len } else { PROJ_STEPS },
+            w_ih: &prep.w_ih,
+        };
         let mut kept = train.then(|| {
             let (saved, mut xh) = (ToWrite::new(nrows * C::SAVED * h), ToWrite::<T>::new(nrows * ldk));
             // x_t into each kept row inside the lengths (the sweep adds h_{t-1} beside it).
@@ -829,15 +827,10 @@ fn by_unit_block<T: Float>(m: &[T], gates: usize, h: usize, cols: usize, units: 
 /// What a forward sweep derives from one direction's weights before its time loop. Its packed
 /// blocks keep views of the weights where they were when they were made (see [`PackedB`]).
 pub struct Prepared<T> {
-    /// W_ih transposed and packed, the input projection's columns unit block by unit block, in
-    /// groups of [`PROJ_COLS`], when the recurrent products are packed too (see
-    /// [`project_inputs`]); else empty.
-    w_ih_packed: Vec<PackedB<T>>,
-    /// Otherwise W_ih's rows unit block by unit block ([`by_unit_block`]), for one GEMM, but for
-    /// sweeps [`led_by_caller`], which read W_ih as it is (then empty). Either way the input
-    /// projection's columns come unit block by unit block, so that each block of a step reads
-    /// its gates' inputs as one piece.
-    w_ih: Vec<T>,
+    /// Per unit block, the block's rows of every gate of W_ih, transposed (I x G*w), for the
+    /// input projection's products ([`Projection`]): packed where the recurrent products are,
+    /// read as they are otherwise.
+    w_ih: Vec<PackedB<T>>,
     /// See [`Sweep::w_hh`].
     w_hh: Vec<PackedB<T>>,
     /// See [`Sweep::bias`].
@@ -864,95 +857,12 @@ impl<T: Float> Prepared<T> {
         })
         .into_iter()
         .unzip();
-        let pack_ih = PackedB::<T>::packs(max_rows, true) && gates * h >= PROJ_MIN_COLS;
-        // W_ih's row of each of the projection's columns, unit block by unit block.
-        let order: Vec<usize> = units
-            .iter()
-            .flat_map(|&(u0, u1)| (0..gates).flat_map(move |g| (u0..u1).map(move |u| g * h + u)))
-            .collect();
-        let groups: Vec<&[usize]> = if pack_ih {
-            order.chunks(PROJ_COLS).collect()
-        } else {
-            Vec::new()
-        };
-        let w_ih_packed = map_items(groups, threads, |_, cols| {
-            // The group's columns as runs of consecutive rows of W_ih.
-            let mut parts = Vec::new();
-            let mut i = 0;
-            while i < cols.len() {
-                let len = (1..cols.len() - i)
-                    .find(|&l| cols[i + l] != cols[i] + l)
-                    .unwrap_or(cols.len() - i);
-                parts.push(Mat::new(&w.w_ih[cols[i] * input..], len, input, input).t());
-                i += len;
-            }
-            PackedB::new(parts, PROJ_ROWS)
+        let w_ih = map_items(units.to_vec(), threads, |_, (u0, u1)| {
+            let rows = (0..gates).map(|g| Mat::new(&w.w_ih[(g * h + u0) * input..], u1 - u0, input, input).t());
+            PackedB::new(rows.collect(), max_rows)
         });
-        Prepared {
-            w_ih: if pack_ih || led_by_caller(max_rows) {
-                Vec::new()
-            } else {
-                by_unit_block(w.w_ih, gates, h, input, units)
-            },
-            w_ih_packed,
-            w_hh,
-            bias,
-        }
+        Prepared { w_ih, w_hh, bias }
     }
-}
-
-/// Rows of `x` and columns of the packed W_ih per task of [`project_inputs`]: a block of x
-/// (64 x I) and a group of W_ih (I x 192) stay in L2 together, and 192 columns are a whole
-/// number of the AVX-512 kernel's three-panel blocks in f32 and f64 (with unit blocks instead,
-/// an RNN's 64 columns, four panels, left one of them to the slow single-panel block: RNN B=64
-/// inference took 1.13x the time of faer's GEMM).
-const PROJ_ROWS: usize = 64;
-const PROJ_COLS: usize = 192;
-/// The fewest columns (G*H) whose input projection goes to the packed kernel. Inference at B=64
-/// (I=H=512) in turns against faer's GEMM, one process, 2 threads: LSTM (2048 columns) 0.93x the
-/// time, GRU (1536) 0.955x, RNN (512) 1.05x; at B=8 (I=128, H=256: 1024, 768 and 256 columns)
-/// 0.985-1.00x.
-const PROJ_MIN_COLS: usize = 1024;
-
-/// `xw = x W_ih^T` for the `nrows` rows of `x` (each `input` wide), into `xw` (nrows x gh), its
-/// columns unit block by unit block. With W_ih packed, the packed kernel runs each ([`PROJ_COLS`]
-/// columns, [`PROJ_ROWS`] rows) task on the threads, column groups outermost so that a thread's
-/// tasks in a row share their group of the weights. Otherwise one GEMM over W_ih's reordered
-/// rows.
-///
-/// # Safety
-/// `xw` must point to `nrows * gh` elements that no one else touches meanwhile.
-unsafe fn project_inputs<T: Float>(
-    xw: Ptr<T>,
-    x: &[T],
-    nrows: usize,
-    input: usize,
-    gh: usize,
-    prep: &Prepared<T>,
-    threads: usize,
-) {
-    if prep.w_ih_packed.is_empty() {
-        let dst = unsafe { MatMut::from_raw(xw.0, nrows, gh, gh) };
-        matmul(
-            dst,
-            false,
-            Mat::new(x, nrows, input, input),
-            Mat::new(&prep.w_ih, gh, input, input).t(),
-            threads,
-        );
-        return;
-    }
-    let parts = nrows.div_ceil(PROJ_ROWS);
-    let tasks: Vec<_> = (0..prep.w_ih_packed.len())
-        .flat_map(|g| (0..parts).map(move |p| (g, p)))
-        .collect();
-    map_items(tasks, threads, |_, (g, p)| {
-        let (b, r0, j0) = (&prep.w_ih_packed[g], p * PROJ_ROWS, g * PROJ_COLS);
-        let m = PROJ_ROWS.min(nrows - r0);
-        // SAFETY: this task alone writes rows [r0, r0 + m) of the group's columns.
-        let dst = unsafe { MatMut::from_raw(xw.at(r0 * gh + j0).0, m, b.cols(), gh) };
-        matmul_packed(dst, false, Mat::new(&x[r0 * input..], m, input, input), b);
-    });
 }
 
 /// One layer's [`Prepared`] weights kept from one inference forward to the next, with a copy of
@@ -982,8 +892,7 @@ impl<T: Float> WeightCache<T> {
     /// The bytes held.
     pub fn nbytes(&self) -> usize {
         let prepared = self.prepared.iter().map(|p| {
-            p.w_ih.len()
-                + p.w_ih_packed.iter().map(PackedB::packed_len).sum::<usize>()
+            p.w_ih.iter().map(PackedB::packed_len).sum::<usize>()
                 + p.w_hh.iter().map(PackedB::packed_len).sum::<usize>()
                 + p.bias.iter().map(Vec::len).sum::<usize>()
         });
@@ -1061,8 +970,9 @@ fn widest(units: &[(usize, usize)]) -> usize {
 
 /// The rows of what a layer computes per (t, b) besides its outputs (the input projection, the
 /// training tape, the gate gradients): one per x-order row, or, when padding is skipped, one per
-/// valid row only, packed in x order, so that the GEMMs over them need neither gathers nor
-/// zeroed padding rows, and the tape holds no padding.
+/// valid row only, packed sequence by sequence ([`valid_rows`]), so that the GEMMs over them need
+/// neither gathers nor zeroed padding rows, the tape holds no padding, and a sequence's steps
+/// are consecutive rows (one product projects a chunk of them, see [`PROJ_STEPS`]).
 #[derive(Clone, Copy)]
 struct Rows<'a>(Option<&'a [usize]>);
 
@@ -1092,8 +1002,8 @@ impl<'a, T: Copy> InputProj<'a, T> {
     /// The projection of x-order row `xr` (a valid one).
     ///
     /// # Safety
-    /// The row must have been written (before the sweep, or at its first step, see
-    /// [`Projection`]), and no one may write it meanwhile.
+    /// The row must have been written (at the team step before its chunk of steps, see
+    /// [`PROJ_STEPS`]), and no one may write it meanwhile.
     unsafe fn row(&self, xr: usize) -> &'a [T] {
         self.data.read(self.rows.of(xr) * self.gh, self.gh)
     }
@@ -1105,8 +1015,9 @@ impl<'a, T: Copy> InputProj<'a, T> {
 /// `team.rs`), instead of handing the whole call to the pool and waiting. What else runs on the
 /// threads is cut into items that the caller and the helpers take in turn ([`map_items`]): the
 /// directions, and the backward's weight-gradient and `dx` products in fixed blocks of columns
-/// ([`product`]). The forward's input projection is made by the teams, at their first step, each
-/// block its own unit block's columns from W_ih as it is (see [`Projection`]). In turns in one
+/// ([`product`]). The forward's input projection is made by the teams in one chunk, at their
+/// first step, each block its own unit block's columns from W_ih as it is (see [`Projection`]).
+/// In turns in one
 /// process against handing the call to the pool (2 threads, T=100, I=H=128, batch 1): LSTM
 /// inference 0.82-0.85x the time, GRU 0.85x, RNN 0.97x; training with the forward led 0.94x,
 /// then with the backward led too 0.88-0.92x of that (bidirectional 0.82-0.84x); bidirectional
@@ -1116,15 +1027,29 @@ fn led_by_caller(max_rows: usize) -> bool {
     max_rows <= crate::gemm::DOT_MAX_ROWS
 }
 
-/// A led sweep's input projection ([`led_by_caller`]): `rows` rows of `x`, `input` wide, times
-/// the rows of `w_ih` (G*H x input, gates in order), each block of the team's first step making
-/// its unit block's columns of [`InputProj`] for its part of the rows.
+/// Time steps per chunk of the input projection. A sweep's team makes it at a step of its own
+/// before each chunk of steps, each block its unit block's columns for its rows of the chunk,
+/// with the per-unit-block W_ih of [`Prepared`], so that the rows a block reads at its steps were
+/// written by its own thread (the block's owner, see `team.rs`) a few steps before, into its own
+/// caches. Against one projection of all the steps before the loop (the threads sharing it in
+/// tasks of 64 rows and 192 columns), 2 threads (Intel Xeon), in turns in one process: inference
+/// at B=8, H=256 took 0.90-0.96x the time (GRU, RNN, LSTM), at B=32, H=256 0.98x, at B=64, H=512
+/// 0.975-1.00x; in alternated processes LSTM inference 0.96x at B=64 (0.93x on one thread) and
+/// 0.98x at B=8, LSTM training at B=8 0.986x. The results are the same, bit for bit.
+const PROJ_STEPS: usize = 16;
+
+/// What a sweep's team projects ([`PROJ_STEPS`]): rows of `x` (the rows of [`Rows`]), `input`
+/// wide, times each unit block's rows of W_ih. A sequence's steps are `stride` rows apart (1
+/// where the rows are packed or x is batch-first, the batch size where x is time-major).
 #[derive(Clone, Copy)]
 struct Projection<'a, T> {
     x: &'a [T],
-    rows: usize,
     input: usize,
-    w_ih: &'a [T],
+    stride: usize,
+    /// Steps per chunk: [`PROJ_STEPS`], or all of them in one chunk for sweeps
+    /// [`led_by_caller`], whose W_ih is read as it is (not packed), by every product.
+    steps: usize,
+    w_ih: &'a [PackedB<T>],
 }
 
 /// Where a forward slice writes.
@@ -1149,7 +1074,7 @@ impl<C: Cell, T: Float> Sweep<'_, C, T> {
         n: usize,
         members: usize,
         xw: InputProj<'_, T>,
-        project: Option<Projection<'_, T>>,
+        project: Projection<'_, T>,
         h0: Option<&[T]>,
         c0: Option<&[T]>,
         out: FwdOut<T>,
@@ -1181,15 +1106,21 @@ impl<C: Cell, T: Float> Sweep<'_, C, T> {
         let w = widest(self.units);
         // Aligned, as the packed kernel's 64-byte stores of the product land in it.
         let scratch = || Aligned::zeroed(n * C::GATES * w);
-        // With the projection to make, the team's first step makes it; the time steps follow.
-        let first = usize::from(project.is_some());
-        team::run(tiles.count(), members, first + lens[0], scratch, |scratch, j, s| {
-            if let Some(p) = project.filter(|_| s == 0) {
-                let (ub, r0, r1) = tiles.get(j, p.rows);
-                self.project(p, xw, ub, r0, r1);
+        // Team step c * (ps + 1) projects chunk c; the chunk's time steps follow it.
+        let ps = project.steps;
+        let chunks = lens[0].div_ceil(ps);
+        team::run(tiles.count(), members, lens[0] + chunks, scratch, |scratch, j, step| {
+            let (c, i) = (step / (ps + 1), step % (ps + 1));
+            let s0 = c * ps;
+            if i == 0 {
+                let (ub, r0, r1) = tiles.get(j, active[s0]);
+                let s1 = (s0 + ps).min(lens[0]);
+                for r in r0..r1 {
+                    self.project(project, xw, ub, perm[r], lens[r], (s0, s1));
+                }
                 return;
             }
-            let s = s - first;
+            let s = s0 + i - 1;
             let (ub, r0, r1) = tiles.get(j, active[s]);
             if r0 < r1 {
                 dispatch(FwdTile {
@@ -1209,20 +1140,37 @@ impl<C: Cell, T: Float> Sweep<'_, C, T> {
         });
     }
 
-    /// Rows `[r0, r1)` of unit block `ub`'s columns of a led sweep's input projection: one
-    /// product per gate, from the gate's rows of W_ih as they are.
-    fn project(&self, p: Projection<'_, T>, xw: InputProj<'_, T>, ub: usize, r0: usize, r1: usize) {
-        let h = self.layer.dims.hidden;
-        let (u0, u1) = self.units[ub];
-        let w = u1 - u0;
-        let x = Mat::new(&p.x[r0 * p.input..], r1 - r0, p.input, p.input);
-        for g in 0..C::GATES {
-            let w_ih = Mat::new(&p.w_ih[(g * h + u0) * p.input..], w, p.input, p.input).t();
-            // SAFETY: these rows of the gate's columns of the unit block are inside the buffer,
-            // and this block alone writes them, before the time steps read them.
-            let dst = unsafe { MatMut::from_raw(xw.data.at(r0 * xw.gh + C::GATES * u0 + g * w).0, r1 - r0, w, xw.gh) };
-            matmul(dst, false, x, w_ih, 1);
+    /// Unit block `ub`'s columns of the input projection of sequence `b` (of length `len`) at
+    /// steps `[s0, s1)`: one product, its steps being rows `p.stride` apart in x and in `xw`.
+    fn project(
+        &self,
+        p: Projection<'_, T>,
+        xw: InputProj<'_, T>,
+        ub: usize,
+        b: usize,
+        len: usize,
+        (s0, s1): (usize, usize),
+    ) {
+        let e = s1.min(len);
+        if e <= s0 {
+            return;
         }
+        // The steps' times, in increasing order.
+        let t0 = if self.reverse { len - e } else { s0 };
+        let (m, k0) = (e - s0, xw.rows.of(self.layer.row(t0, b)));
+        let (u0, u1) = self.units[ub];
+        let x = Mat::new(&p.x[k0 * p.input..], m, p.input, p.stride * p.input);
+        // SAFETY: these rows of the unit block's columns are inside the buffer, and this block
+        // alone writes them, at a team step before the time steps that read them.
+        let dst = unsafe {
+            MatMut::from_raw(
+                xw.data.at(k0 * xw.gh + C::GATES * u0).0,
+                m,
+                C::GATES * (u1 - u0),
+                p.stride * xw.gh,
+            )
+        };
+        matmul_packed(dst, false, x, &p.w_ih[ub]);
     }
 }
 

@@ -89,18 +89,21 @@ def test_outputs_are_written_in_full(cell, pattern):
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-@pytest.mark.parametrize("pattern", ["none", "mixed"])
-@pytest.mark.parametrize(("cell", "hidden"), [("lstm", 260), ("gru", 350)])
-def test_wide_input_projection_matches_reference(cell, hidden, pattern, dtype):
-    """From 1024 gate columns (and 3 sequences) the input projection runs on the packed kernel in
-    tasks of 64 rows and 192 columns: sizes that cut neither evenly (90 rows, 1040 and 1050
-    columns, unit blocks of 72 and 88 that straddle the column groups, 7 inputs), bidirectional,
-    with and without lengths, against the reference."""
+@pytest.mark.parametrize("batch_first", [True, False], ids=["batch_first", "time_major"])
+@pytest.mark.parametrize("pattern", ["none", "chunks"])
+@pytest.mark.parametrize(("cell", "hidden"), [("lstm", 260), ("gru", 350), ("rnn_tanh", 130)])
+def test_chunked_input_projection_matches_reference(cell, hidden, pattern, batch_first, dtype):
+    """From 3 sequences the time loop's team makes the input projection 16 steps ahead, one
+    product per sequence and unit block: 37 steps (chunks of 16, 16 and 5), lengths that end
+    inside, at and just past a chunk's end (with padding skipped: a sequence's steps are then
+    consecutive rows in either layout), unit blocks that do not cut the hidden size evenly (72 and
+    88 units, 7 inputs), both directions, against the reference."""
     rng = np.random.default_rng(hidden)
-    layer = make_layer(cell, 7, hidden, 1, bidirectional=True, dtype=dtype, seed=3)
-    x = rng.standard_normal((3, 30, 7)).astype(dtype)
-    state = random_state(rng, layer, 3, dtype)
-    check_against_reference(layer, x, state, lengths_for(pattern, 3, 30, rng), dtype)
+    layer = make_layer(cell, 7, hidden, 1, bidirectional=True, batch_first=batch_first, dtype=dtype, seed=3)
+    x = rng.standard_normal(seq_shape(batch_first, 5, 37, 7)).astype(dtype)
+    state = random_state(rng, layer, 5, dtype)
+    lengths = None if pattern == "none" else np.array([37, 16, 17, 1, 33])
+    check_against_reference(layer, x, state, lengths, dtype)
 
 
 @pytest.mark.parametrize("cell", CELLS)
