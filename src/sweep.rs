@@ -1035,7 +1035,7 @@ fn led_by_caller(max_rows: usize) -> bool {
 /// tasks of 64 rows and 192 columns), 2 threads (Intel Xeon), in turns in one process: inference
 /// at B=8, H=256 took 0.90-0.96x the time (GRU, RNN, LSTM), at B=32, H=256 0.98x, at B=64, H=512
 /// 0.975-1.00x; in alternated processes LSTM inference 0.96x at B=64 (0.93x on one thread) and
-/// 0.98x at B=8, LSTM training at B=8 0.986x. The results are the same, bit for bit.
+/// 0.98x at B=8, LSTM training at B=8 0.986x. The outputs are the same, bit for bit.
 const PROJ_STEPS: usize = 16;
 
 /// What a sweep's team projects ([`PROJ_STEPS`]): rows of `x` (the rows of [`Rows`]), `input`
