@@ -848,19 +848,20 @@ impl<T: Float> Prepared<T> {
         max_rows: usize,
         threads: usize,
     ) -> Self {
-        let (w_hh, bias) = map_items(units.to_vec(), threads, |_, (u0, u1)| {
-            let rows = (0..gates).map(|g| Mat::new(&w.w_hh[(g * h + u0) * h..], u1 - u0, h, h).t());
+        let (packs, bias): (Vec<_>, _) = map_items(units.to_vec(), threads, |_, (u0, u1)| {
+            // The block's rows of every gate of `m` (G*H x cols), transposed and packed.
+            let packed = |m: &[T], cols: usize| {
+                let rows = (0..gates).map(|g| Mat::new(&m[(g * h + u0) * cols..], u1 - u0, cols, cols).t());
+                PackedB::new(rows.collect(), max_rows)
+            };
             let bias = [w.b_ih, w.b_hh]
                 .map(|b| by_unit_block(b, gates, h, 1, &[(u0, u1)]))
                 .concat();
-            (PackedB::new(rows.collect(), max_rows), bias)
+            ((packed(w.w_ih, input), packed(w.w_hh, h)), bias)
         })
         .into_iter()
         .unzip();
-        let w_ih = map_items(units.to_vec(), threads, |_, (u0, u1)| {
-            let rows = (0..gates).map(|g| Mat::new(&w.w_ih[(g * h + u0) * input..], u1 - u0, input, input).t());
-            PackedB::new(rows.collect(), max_rows)
-        });
+        let (w_ih, w_hh) = packs.into_iter().unzip();
         Prepared { w_ih, w_hh, bias }
     }
 }

@@ -104,13 +104,17 @@ impl Team {
                 self.done.0.fetch_add(1, Ordering::Release);
             }
         };
+        // Its own blocks first, then whatever the others have not claimed yet.
+        let own = self.owned(p);
+        let order: Vec<usize> = own
+            .clone()
+            .chain((0..self.blocks).filter(|j| !own.contains(j)))
+            .collect();
         for s in 0..steps {
             if !self.wait_done(s * self.blocks) {
                 return;
             }
-            // Its own blocks first, then whatever the others have not claimed yet.
-            let own = self.owned(p);
-            for j in own.clone().chain((0..self.blocks).filter(|j| !own.contains(j))) {
+            for &j in &order {
                 take(j, s);
             }
         }
