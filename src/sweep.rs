@@ -10,8 +10,8 @@
 //! Layout. Everything indexed by (time, batch) — x, y, dy, dx and what training keeps — uses the
 //! row order of the caller's x ("x-order": row(t, b) = t*st + b*sb), so that the big GEMMs read
 //! and write those buffers as they are, without gathers or transposes; with variable lengths
-//! whose padding is worth skipping, what the layer makes for itself (the input projection, the
-//! tape, the gate gradients) holds the valid rows only, packed sequence by sequence (see `Rows`),
+//! whose padding is worth skipping, what the layer makes for itself (x gathered for the input
+//! projection, the tape, the gate gradients) holds the valid rows only, packed sequence by sequence (see `Rows`),
 //! so that a sequence's steps are consecutive rows there in either layout. The state
 //! carried from step to step is compact instead: row r of the state is sequence `perm[r]`, with
 //! the sequences sorted by length (longest first) inside each thread's slice, so the sequences
@@ -672,7 +672,7 @@ fn forward_impl<C: Cell, T: Float>(
     led: bool,
 ) -> Option<Tape<T>> {
     let d = layer.dims;
-    let (h, gh, rows, nd) = (d.hidden, layer.gh(), layer.rows(), layer.directions);
+    let (h, rows, nd) = (d.hidden, layer.rows(), layer.directions);
     let ydim = nd * h;
     let ldk = layer.kept_width();
     zero_padding(layer, &plan, y, ydim);
@@ -710,15 +710,10 @@ fn forward_impl<C: Cell, T: Float>(
                 &own
             }
         };
-        // Read through `xw` only, once written.
-        let mut xw_buf = ToWrite::<T>::new(nrows * gh);
-        let xw = InputProj {
-            data: Ptr(xw_buf.ptr()),
-            gh,
-            rows: Rows(at.as_deref()),
-        };
+        let packed = Rows(at.as_deref());
         let project = Projection {
             x: &xs,
+            rows: packed,
             input: d.input,
             stride: if at.is_some() { 1 } else { layer.strides().0 },
             steps: if led { d.seq_len } else { PROJ_STEPS },
@@ -734,7 +729,7 @@ fn forward_impl<C: Cell, T: Float>(
                     unsafe {
                         std::ptr::copy_nonoverlapping(
                             x.as_ptr().add(r * d.input),
-                            xh.ptr().add(xw.rows.of(r) * ldk),
+                            xh.ptr().add(packed.of(r) * ldk),
                             d.input,
                         )
                     };
@@ -764,14 +759,13 @@ fn forward_impl<C: Cell, T: Float>(
         let h0 = h0.map(|s| &s[dir * bh..(dir + 1) * bh]);
         let c0 = c0.map(|s| &s[dir * bh..(dir + 1) * bh]);
         plan.for_each_slice(per_dir, led, |off, n, team| {
-            sw.forward_slice(off, n, team, xw, project, h0, c0, out)
+            sw.forward_slice(off, n, team, project, h0, c0, out)
         });
-        buffers::give(xw_buf);
         // SAFETY: the sweep wrote every row inside the lengths (see `FwdTile`), and the padding
         // rows, if kept, are zeroed here.
         kept.map(|(mut saved, mut xh)| unsafe {
-            saved.zero_rows(xw.rows.padding(&plan, layer), C::SAVED * h);
-            xh.zero_rows(xw.rows.padding(&plan, layer), ldk);
+            saved.zero_rows(packed.padding(&plan, layer), C::SAVED * h);
+            xh.zero_rows(packed.padding(&plan, layer), ldk);
             DirTape {
                 saved: saved.written(),
                 xh: xh.written(),
@@ -969,8 +963,8 @@ fn widest(units: &[(usize, usize)]) -> usize {
     units.iter().map(|&(u0, u1)| u1 - u0).max().unwrap_or(0)
 }
 
-/// The rows of what a layer computes per (t, b) besides its outputs (the input projection, the
-/// training tape, the gate gradients): one per x-order row, or, when padding is skipped, one per
+/// The rows of what a layer computes per (t, b) besides its outputs (x gathered for the input
+/// projection, the training tape, the gate gradients): one per x-order row, or, when padding is skipped, one per
 /// valid row only, packed sequence by sequence ([`valid_rows`]), so that the GEMMs over them need
 /// neither gathers nor zeroed padding rows, the tape holds no padding, and a sequence's steps
 /// are consecutive rows (one product projects a chunk of them, see [`PROJ_STEPS`]).
@@ -990,23 +984,35 @@ impl<'a> Rows<'a> {
     }
 }
 
-/// The input projection `x W_ih^T` of a forward sweep, its columns by unit block
-/// ([`by_unit_block`]), in the rows of [`Rows`].
+/// A forward slice's input projection `x W_ih^T` for one chunk of steps ([`PROJ_STEPS`]), its
+/// columns by unit block ([`by_unit_block`]): the row of the slice's row `r` at its `l`-th time
+/// of the chunk (times in increasing order, so a reverse sweep's steps from the last) is row
+/// `l * n + r`. The team makes each chunk at a step of its own after every step of the previous
+/// chunk is done, so one chunk's rows are all it holds, whatever the sequence's length.
 #[derive(Clone, Copy)]
-struct InputProj<'a, T> {
+struct InputProj<T> {
     data: Ptr<T>,
     gh: usize,
-    rows: Rows<'a>,
+    /// Rows of the slice.
+    n: usize,
+    /// Steps per chunk ([`Projection::steps`]).
+    steps: usize,
 }
 
-impl<'a, T: Copy> InputProj<'a, T> {
-    /// The projection of x-order row `xr` (a valid one).
+impl<T: Copy> InputProj<T> {
+    /// The projection of the slice's row `r` (of length `len`) at step `s`.
     ///
     /// # Safety
-    /// The row must have been written (at the team step before its chunk of steps, see
-    /// [`PROJ_STEPS`]), and no one may write it meanwhile.
-    unsafe fn row(&self, xr: usize) -> &'a [T] {
-        self.data.read(self.rows.of(xr) * self.gh, self.gh)
+    /// The row must have been written, at the team step before the chunk of steps that holds
+    /// `s`, and no one may write it meanwhile.
+    unsafe fn row<'a>(&self, r: usize, len: usize, s: usize, reverse: bool) -> &'a [T] {
+        let s0 = s - s % self.steps;
+        let l = if reverse {
+            (s0 + self.steps).min(len) - 1 - s
+        } else {
+            s - s0
+        };
+        self.data.read((l * self.n + r) * self.gh, self.gh)
     }
 }
 
@@ -1036,7 +1042,11 @@ fn led_by_caller(max_rows: usize) -> bool {
 /// tasks of 64 rows and 192 columns), 2 threads (Intel Xeon), in turns in one process: inference
 /// at B=8, H=256 took 0.90-0.96x the time (GRU, RNN, LSTM), at B=32, H=256 0.98x, at B=64, H=512
 /// 0.975-1.00x; in alternated processes LSTM inference 0.96x at B=64 (0.93x on one thread) and
-/// 0.98x at B=8, LSTM training at B=8 0.986x. The outputs are the same, bit for bit.
+/// 0.98x at B=8, LSTM training at B=8 0.986x. The outputs are the same, bit for bit. A slice
+/// keeps one chunk's projection only ([`InputProj`]): against every step's (AMD EPYC, Zen 4, 1 MB
+/// of L2 a core, 32 MB of L3), 0.97-1.00x the time at B=8 and B=64 (LSTM, GRU; alternated
+/// processes, 6-8 rounds; B=1 1.00-1.01x), and an LSTM at B=64, T=1000, H=512 added 26 MB to the
+/// process's peak memory in inference instead of 517 MB.
 const PROJ_STEPS: usize = 16;
 
 /// What a sweep's team projects ([`PROJ_STEPS`]): rows of `x` (the rows of [`Rows`]), `input`
@@ -1045,6 +1055,8 @@ const PROJ_STEPS: usize = 16;
 #[derive(Clone, Copy)]
 struct Projection<'a, T> {
     x: &'a [T],
+    /// The row of `x` of each x-order row.
+    rows: Rows<'a>,
     input: usize,
     stride: usize,
     /// Steps per chunk: [`PROJ_STEPS`], or all of them in one chunk for sweeps
@@ -1074,7 +1086,6 @@ impl<C: Cell, T: Float> Sweep<'_, C, T> {
         off: usize,
         n: usize,
         members: usize,
-        xw: InputProj<'_, T>,
         project: Projection<'_, T>,
         h0: Option<&[T]>,
         c0: Option<&[T]>,
@@ -1110,6 +1121,15 @@ impl<C: Cell, T: Float> Sweep<'_, C, T> {
         // Team step c * (ps + 1) projects chunk c; the chunk's time steps follow it.
         let ps = project.steps;
         let chunks = lens[0].div_ceil(ps);
+        let gh = C::GATES * h;
+        // Read through `xw` only, once written.
+        let mut xw_buf = ToWrite::<T>::new(ps.min(lens[0]) * n * gh);
+        let xw = InputProj {
+            data: Ptr(xw_buf.ptr()),
+            gh,
+            n,
+            steps: ps,
+        };
         team::run(tiles.count(), members, lens[0] + chunks, scratch, |scratch, j, step| {
             let (c, i) = (step / (ps + 1), step % (ps + 1));
             let s0 = c * ps;
@@ -1117,7 +1137,7 @@ impl<C: Cell, T: Float> Sweep<'_, C, T> {
                 let (ub, r0, r1) = tiles.get(j, active[s0]);
                 let s1 = (s0 + ps).min(lens[0]);
                 for r in r0..r1 {
-                    self.project(project, xw, ub, perm[r], lens[r], (s0, s1));
+                    self.project(project, xw, ub, (r, perm[r], lens[r]), (s0, s1));
                 }
                 return;
             }
@@ -1132,6 +1152,7 @@ impl<C: Cell, T: Float> Sweep<'_, C, T> {
                     perm,
                     lens,
                     xw,
+                    kept: project.rows,
                     h: (hp[s % 2], hp[(s + 1) % 2]),
                     c: (cp[s % 2], cp[(s + 1) % 2]),
                     scratch,
@@ -1139,36 +1160,38 @@ impl<C: Cell, T: Float> Sweep<'_, C, T> {
                 });
             }
         });
+        buffers::give(xw_buf);
     }
 
-    /// Unit block `ub`'s columns of the input projection of sequence `b` (of length `len`) at
-    /// steps `[s0, s1)`: one product, its steps being rows `p.stride` apart in x and in `xw`.
+    /// Unit block `ub`'s columns of the input projection of the slice's row `r` (sequence `b`,
+    /// of length `len`) at steps `[s0, s1)`: one product, the steps' rows being `p.stride` apart
+    /// in x and `xw.n` apart in `xw`.
     fn project(
         &self,
         p: Projection<'_, T>,
-        xw: InputProj<'_, T>,
+        xw: InputProj<T>,
         ub: usize,
-        b: usize,
-        len: usize,
+        (r, b, len): (usize, usize, usize),
         (s0, s1): (usize, usize),
     ) {
         let e = s1.min(len);
         if e <= s0 {
             return;
         }
-        // The steps' times, in increasing order.
+        // The steps' times, in increasing order: the chunk's rows of `xw` in their order.
         let t0 = if self.reverse { len - e } else { s0 };
-        let (m, k0) = (e - s0, xw.rows.of(self.layer.row(t0, b)));
+        let (m, k0) = (e - s0, p.rows.of(self.layer.row(t0, b)));
         let (u0, u1) = self.units[ub];
         let x = Mat::new(&p.x[k0 * p.input..], m, p.input, p.stride * p.input);
         // SAFETY: these rows of the unit block's columns are inside the buffer, and this block
-        // alone writes them, at a team step before the time steps that read them.
+        // alone writes them, at a team step after the previous chunk's time steps (which read
+        // the buffer) and before the time steps that read them.
         let dst = unsafe {
             MatMut::from_raw(
-                xw.data.at(k0 * xw.gh + C::GATES * u0).0,
+                xw.data.at(r * xw.gh + C::GATES * u0).0,
                 m,
                 C::GATES * (u1 - u0),
-                p.stride * xw.gh,
+                xw.n * xw.gh,
             )
         };
         matmul_packed(dst, false, x, &p.w_ih[ub]);
@@ -1184,7 +1207,9 @@ struct FwdTile<'a, 'w, C, T> {
     rows: (usize, usize),
     perm: &'a [usize],
     lens: &'a [usize],
-    xw: InputProj<'a, T>,
+    xw: InputProj<T>,
+    /// The kept buffers' rows ([`Rows`]).
+    kept: Rows<'a>,
     /// (input, output) state buffers of the step.
     h: (Ptr<T>, Ptr<T>),
     c: (Ptr<T>, Ptr<T>),
@@ -1204,12 +1229,14 @@ impl<C: Cell, T: Float> Kernel for FwdTile<'_, '_, C, T> {
         let (w, n) = (u1 - u0, r1 - r0);
         let gw = C::GATES * w;
         let hw = &mut self.scratch[..n * gw];
-        // Fetch the rows' input projections (written before the loop, so likely out of cache)
-        // while the product runs: the pointwise pass reads them after it.
+        // Fetch the rows' input projections (written at the chunk's first team step, maybe
+        // pushed out of the nearer caches since) while the product runs: the pointwise pass
+        // reads them after it.
         let xrow = |r: usize| sw.layer.row(time_of(self.lens[r], s, sw.reverse), self.perm[r]);
         // Compact row r's inputs to this block, its gates side by side (see `by_unit_block`).
-        // SAFETY: the projection was made before the time steps, and is not written during them.
-        let inputs = |r: usize| unsafe { &self.xw.row(xrow(r))[C::GATES * u0..][..gw] };
+        // SAFETY: the chunk's projection was made before its time steps, and is not written
+        // during them.
+        let inputs = |r: usize| unsafe { &self.xw.row(r, self.lens[r], s, sw.reverse)[C::GATES * u0..][..gw] };
         for r in r0..r1 {
             prefetch(inputs(r));
         }
@@ -1245,7 +1272,7 @@ impl<C: Cell, T: Float> Kernel for FwdTile<'_, '_, C, T> {
                 let h_new = self.h.1.slice(r * h + u0, w);
                 let saved = match out.keep {
                     Some((sp, xhp)) => {
-                        let kr = self.xw.rows.of(xr);
+                        let kr = self.kept.of(xr);
                         xhp.slice(sw.layer.kept_h(kr) + u0, w).copy_from_slice(h_prev);
                         sp.slice(kr * sv + C::SAVED * u0, C::SAVED * w)
                     }
