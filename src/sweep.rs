@@ -11,12 +11,12 @@
 //! row order of the caller's x ("x-order": row(t, b) = t*st + b*sb), so that the big GEMMs read
 //! and write those buffers as they are, without gathers or transposes; with variable lengths
 //! whose padding is worth skipping, what the layer makes for itself (x gathered for the input
-//! projection, the tape, the gate gradients) holds the valid rows only, packed sequence by sequence (see `Rows`),
-//! so that a sequence's steps are consecutive rows there in either layout. The state
-//! carried from step to step is compact instead: row r of the state is sequence `perm[r]`, with
-//! the sequences sorted by length (longest first) inside each thread's slice, so the sequences
-//! still running at a step are a prefix of the slice and the recurrent GEMM does no work past a
-//! sequence's end.
+//! projection, the tape, the gate gradients) holds the valid rows only, packed sequence by
+//! sequence (see `Rows`), so that a sequence's steps are consecutive rows there in either layout.
+//! The state carried from step to step is compact instead: row r of the state is sequence
+//! `perm[r]`, with the sequences sorted by length (longest first) inside each thread's slice, so
+//! the sequences still running at a step are a prefix of the slice and the recurrent GEMM does no
+//! work past a sequence's end.
 //!
 //! Threads. When the batch is large enough, it is cut into one slice per thread and each slice
 //! runs the whole time loop on its own (no per-step synchronisation); otherwise the threads share
@@ -964,10 +964,11 @@ fn widest(units: &[(usize, usize)]) -> usize {
 }
 
 /// The rows of what a layer computes per (t, b) besides its outputs (x gathered for the input
-/// projection, the training tape, the gate gradients): one per x-order row, or, when padding is skipped, one per
-/// valid row only, packed sequence by sequence ([`valid_rows`]), so that the GEMMs over them need
-/// neither gathers nor zeroed padding rows, the tape holds no padding, and a sequence's steps
-/// are consecutive rows (one product projects a chunk of them, see [`PROJ_STEPS`]).
+/// projection, the training tape, the gate gradients): one per x-order row, or, when padding is
+/// skipped, one per valid row only, packed sequence by sequence ([`valid_rows`]), so that the
+/// GEMMs over them need neither gathers nor zeroed padding rows, the tape holds no padding, and a
+/// sequence's steps are consecutive rows (one product projects a chunk of them, see
+/// [`PROJ_STEPS`]).
 #[derive(Clone, Copy)]
 struct Rows<'a>(Option<&'a [usize]>);
 
