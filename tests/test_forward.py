@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import pickle
+import subprocess
+import sys
 import zlib
 
 import numpy as np
@@ -104,6 +106,38 @@ def test_chunked_input_projection_matches_reference(cell, hidden, pattern, batch
     state = random_state(rng, layer, 5, dtype)
     lengths = None if pattern == "none" else np.array([37, 16, 17, 1, 33])
     check_against_reference(layer, x, state, lengths, dtype)
+
+
+_PEAK_MEMORY_SCRIPT = """
+import resource, sys
+import numpy as np
+import rnnkit
+
+batch, seq_len, hidden, bidirectional = 16, 4000, 256, sys.argv[1] == "bi"
+layer = rnnkit.LSTM(32, hidden, batch_first=True, bidirectional=bidirectional, seed=0)
+layer.eval()
+x = np.full((batch, seq_len, 32), 0.1, dtype=np.float32)
+layer(x[:, :20])  # the weight cache and the thread pool, made before the measurement
+# Raise the peak to what y takes, so that only the call's own scratch can raise it further.
+y = np.ones((batch, seq_len, hidden * (2 if bidirectional else 1)), dtype=np.float32)
+del y
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+layer(x)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="ru_maxrss in kilobytes is Linux's")
+@pytest.mark.parametrize("directions", ["uni", "bi"])
+def test_inference_scratch_does_not_grow_with_the_sequence(directions):
+    """Inference keeps one chunk (16 steps) of the input projection, not every step's: an LSTM at
+    B=16, T=4000, H=256 would need 262 MB a direction for all of them. In a fresh process (the
+    peak resident memory is the process's), the call may raise the peak by far less than that."""
+    out = subprocess.run(
+        [sys.executable, "-c", _PEAK_MEMORY_SCRIPT, directions], capture_output=True, text=True, check=True
+    )
+    grew = int(out.stdout.strip().splitlines()[-1])
+    assert grew < 64 << 20, f"the call raised the peak resident memory by {grew >> 20} MB"
 
 
 @pytest.mark.parametrize("cell", CELLS)
