@@ -1,7 +1,7 @@
 //! Large work buffers kept from one kernel call to the next.
 //!
-//! A sweep's biggest buffers (the input projection of every step and backward's gate gradients,
-//! `T * B * G * H` elements, 52 MB for an LSTM at B=64, T=100, H=512; the training tape) would
+//! A sweep's biggest buffers (backward's gate gradients, `T * B * G * H` elements, 52 MB for an
+//! LSTM at B=64, T=100, H=512; the training tape; the input projection's chunk of 16 steps) would
 //! otherwise be allocated fresh by every call: the allocator maps new pages for them and the OS
 //! faults each page in and clears it, a few percent of a call. Buffers given back (scratch at the
 //! end of a call, a tape when it is dropped) are reused instead, within a bound on the memory held
