@@ -410,6 +410,18 @@ fn time_of(len: usize, s: usize, reverse: bool) -> usize {
     }
 }
 
+/// The times of steps `[s0, s1)` of a sequence of length `len`, in increasing order: the first
+/// and how many (none past the sequence's end). A chunk of [`InputProj`] holds its rows in
+/// that order.
+#[inline(always)]
+fn chunk_times(s0: usize, s1: usize, len: usize, reverse: bool) -> (usize, usize) {
+    let e = s1.min(len);
+    if e <= s0 {
+        return (0, 0);
+    }
+    (if reverse { len - e } else { s0 }, e - s0)
+}
+
 /// A raw pointer handed to the threads, each of which touches only its own rows.
 #[derive(Clone, Copy)]
 struct Ptr<T>(*mut T);
@@ -1008,11 +1020,7 @@ impl<T: Copy> InputProj<T> {
     /// `s`, and no one may write it meanwhile.
     unsafe fn row<'a>(&self, r: usize, len: usize, s: usize, reverse: bool) -> &'a [T] {
         let s0 = s - s % self.steps;
-        let l = if reverse {
-            (s0 + self.steps).min(len) - 1 - s
-        } else {
-            s - s0
-        };
+        let l = time_of(len, s, reverse) - chunk_times(s0, s0 + self.steps, len, reverse).0;
         self.data.read((l * self.n + r) * self.gh, self.gh)
     }
 }
@@ -1025,12 +1033,11 @@ impl<T: Copy> InputProj<T> {
 /// directions, and the backward's weight-gradient and `dx` products in fixed blocks of columns
 /// ([`product`]). The forward's input projection is made by the teams in one chunk, at their
 /// first step, each block its own unit block's columns from W_ih as it is (see [`Projection`]).
-/// In turns in one
-/// process against handing the call to the pool (2 threads, T=100, I=H=128, batch 1): LSTM
-/// inference 0.82-0.85x the time, GRU 0.85x, RNN 0.97x; training with the forward led 0.94x,
-/// then with the backward led too 0.88-0.92x of that (bidirectional 0.82-0.84x); bidirectional
-/// inference, the two directions on a thread each, 0.91-1.02x (each direction on both threads in
-/// turn had taken 1.13-1.17x).
+/// In turns in one process against handing the call to the pool (2 threads, T=100, I=H=128,
+/// batch 1): LSTM inference 0.82-0.85x the time, GRU 0.85x, RNN 0.97x; training with the
+/// forward led 0.94x, then with the backward led too 0.88-0.92x of that (bidirectional
+/// 0.82-0.84x); bidirectional inference, the two directions on a thread each, 0.91-1.02x (each
+/// direction on both threads in turn had taken 1.13-1.17x).
 fn led_by_caller(max_rows: usize) -> bool {
     max_rows <= crate::gemm::DOT_MAX_ROWS
 }
@@ -1175,13 +1182,11 @@ impl<C: Cell, T: Float> Sweep<'_, C, T> {
         (r, b, len): (usize, usize, usize),
         (s0, s1): (usize, usize),
     ) {
-        let e = s1.min(len);
-        if e <= s0 {
+        let (t0, m) = chunk_times(s0, s1, len, self.reverse);
+        if m == 0 {
             return;
         }
-        // The steps' times, in increasing order: the chunk's rows of `xw` in their order.
-        let t0 = if self.reverse { len - e } else { s0 };
-        let (m, k0) = (e - s0, p.rows.of(self.layer.row(t0, b)));
+        let k0 = p.rows.of(self.layer.row(t0, b));
         let (u0, u1) = self.units[ub];
         let x = Mat::new(&p.x[k0 * p.input..], m, p.input, p.stride * p.input);
         // SAFETY: these rows of the unit block's columns are inside the buffer, and this block
