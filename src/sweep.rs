@@ -35,11 +35,12 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::Instant;
 
-/// Sequences per batch slice, about: a slice runs its own time loop. The slicing depends on the
+/// Sequences per batch slice, about: a slice runs its own time loop. This slicing depends on the
 /// batch size only, never on the thread count, so that results do not change with the number of
-/// threads (the GEMM crate's rounding depends on the row count of a product). Below two slices'
-/// worth, one loop runs and the threads share its steps (see [`Tiles`]). The slice count is
-/// [`balanced`].
+/// threads where the products' rounding depends on their row count (the GEMM crates', without
+/// the packed kernel). Below two slices' worth, one loop runs and the threads share its steps
+/// (see [`Tiles`]), unless [`slice_count`] gives each thread a slice of its own. The slice count
+/// is [`balanced`].
 const SLICE_ROWS: usize = 64;
 
 /// A count of equal pieces of work (batch slices, unit blocks) made fair to two or four threads:
@@ -296,8 +297,9 @@ struct Plan {
 }
 
 impl Plan {
-    fn new(batch: usize, seq_len: usize, lengths: Option<&[usize]>) -> Plan {
-        let nslices = balanced((batch / SLICE_ROWS).max(1));
+    /// The sequences of `layer`'s batch dealt into `nslices` slices ([`slice_count`]).
+    fn new(layer: &Layer, lengths: Option<&[usize]>, nslices: usize) -> Plan {
+        let (batch, seq_len) = (layer.dims.batch, layer.dims.seq_len);
         let mut order: Vec<usize> = (0..batch).collect();
         if let Some(l) = lengths {
             order.sort_by_key(|&b| std::cmp::Reverse(l[b]));
@@ -338,6 +340,32 @@ impl Plan {
     }
 }
 
+/// How many slices [`Plan`] cuts `layer`'s batch into for sweeps on `threads` threads: one per
+/// [`SLICE_ROWS`] sequences; or, for a single-direction layer whose `W_hh` the L2 holds (up to
+/// [`ROW_CUT_BYTES`]), one per thread where each gets 3 rows or more. Then each thread runs a
+/// time loop of its own, reading all of `W_hh` from its own L2, instead of the threads sharing
+/// every step of one loop (a hand-over and a wait per step). The results are the same bit for
+/// bit: the slices' products are the packed kernel's (more than
+/// [`crate::gemm::DOT_MAX_ROWS`] rows, hence the 3), whose rounding does not depend on the row
+/// count, and the input projection is made per sequence. In turns in one process, 2 threads
+/// (Intel Xeon, 2 MB of L2 a core), against one loop: inference took 0.60-0.69x the time for
+/// RNN at B=8, H=256, 0.6-0.9x for LSTM at H=128, 0.87-0.92x for GRU at B=8-16, H=256,
+/// 0.88-0.94x for LSTM at B=8-16, H=256 (1 MB of `W_hh`), 0.94-1.0x at B=32-64; training
+/// 0.90-0.96x (LSTM), 0.76-0.92x (GRU) at B=8. Past the L2 it lost: 1.02-1.03x for GRU at H=512
+/// (3 MB), 1.08-1.56x for LSTM at H=512, B=8-16 (4 MB); and with two directions, which the
+/// threads already share, 1.03-1.06x.
+fn slice_count<T: Float>(layer: &Layer, threads: usize) -> usize {
+    let batch = layer.dims.batch;
+    let by_batch = balanced((batch / SLICE_ROWS).max(1));
+    let own = (threads / layer.directions).min(batch / (crate::gemm::DOT_MAX_ROWS + 1));
+    let w_hh_bytes = layer.gh() * layer.dims.hidden * std::mem::size_of::<T>();
+    if own > by_batch && w_hh_bytes <= ROW_CUT_BYTES && PackedB::<T>::packs(batch.div_ceil(own), true) {
+        own
+    } else {
+        by_batch
+    }
+}
+
 /// Hidden units per block of a step: a block computes its units' gates (its columns of the
 /// recurrent product) and their pointwise pass, so that the threads of a step share no
 /// intermediate result and synchronise once per step. Wide enough for the batch-1 product to fill
@@ -355,6 +383,8 @@ const MIN_PART_ROWS: usize = 16;
 /// 256 KB-1 MB (LSTM H=256, GRU H=256, RNN H=256-512; inference and training); above it
 /// 0.98-1.02x from 1.8 to 4 MB (GRU and LSTM H=384-512) and 1.04x in inference at 16 MB (LSTM
 /// H=1024). Like the rest of the cut, it depends on the sizes alone, never on the thread count.
+/// Up to the same size a single-direction layer's threads get batch slices of their own
+/// ([`slice_count`]).
 const ROW_CUT_BYTES: usize = 1 << 20;
 
 /// The hidden units `[u0, u1)` of each unit block: about `UNIT_BLOCK` wide, multiples of 8
@@ -505,9 +535,10 @@ pub fn forward<T: Float>(
         ));
     }
 
-    let plan = Plan::new(d.batch, d.seq_len, lengths);
-    let led = led_by_caller(plan.max_rows());
+    // Led calls have too few rows for slices of their own (see `slice_count`).
+    let led = led_by_caller(d.batch.div_ceil(slice_count::<T>(layer, 1)));
     crate::threads::run(layer.flops(), led, |threads| {
+        let plan = Plan::new(layer, lengths, slice_count::<T>(layer, threads));
         // Led, the threads are the sweep teams' members, and the rest runs on the caller's.
         let prepared = cache.and_then(|c| c.get(layer, weights, plan.max_rows(), if led { 1 } else { threads }));
         crate::with_cell!(layer.cell, cell: C => forward_impl::<C, T>(cell, layer, x, weights, prepared, plan, h0, c0, lengths, y, hn, cn, train, threads, led))

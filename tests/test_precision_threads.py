@@ -67,9 +67,10 @@ def test_float32_close_to_float64(cell, batch, hidden):
 def test_one_thread_equals_two_threads(cell, batch, hidden, dtype, num_threads):
     """Forward and backward give bitwise the same results with 1 and 2 kernel threads, with and
     without lengths, including batches large enough (130, 200) to be cut into slices that run their
-    own time loops. (The GEMM crate's rounding depends on a product's row count, see
-    test_batch_composition_rounding_is_ulp_level, so this needs the slicing to depend on the batch
-    alone, never on the thread count.) At (64, 256), (40, 32) and (37, 136) each step is cut into
+    own time loops. (The GEMM crates' rounding depends on a product's row count, see
+    test_batch_composition_rounding_is_ulp_level, so this slicing depends on the batch alone, never
+    on the thread count; for the slices made per thread see
+    test_slices_per_thread_same_as_one_loop.) At (64, 256), (40, 32) and (37, 136) each step is cut into
     blocks of hidden units, of rows, or both, that the threads share; at (8, 200) into four blocks
     of units (their count rounded up from three), the last one narrower.
     """
@@ -85,6 +86,38 @@ def test_one_thread_equals_two_threads(cell, batch, hidden, dtype, num_threads):
             two = run(layer, x, state, lens, dy, dstate)
             for (name, a), (_, b) in zip(one, two, strict=True):
                 msg = f"{name} (batch_first={batch_first}, lengths={lens is not None})"
+                np.testing.assert_array_equal(a, b, err_msg=msg)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("batch", [3, 6, 8, 13, 37])
+@pytest.mark.parametrize("cell", CELLS)
+def test_slices_per_thread_same_as_one_loop(cell, batch, dtype, num_threads):
+    """A single-direction layer whose W_hh fits in the L2 gives each thread a batch slice of its
+    own, with its own time loop, where every slice gets 3 rows or more: on 2 threads from 6
+    sequences, on 4 threads 2 slices of 3-4 rows at 6-11 and 4 from 12 (at 3, one loop whose steps
+    the threads share). Forward and backward, with and without lengths, give the reference's
+    outputs and bitwise what one thread's single loop gives."""
+    rng = np.random.default_rng(batch)
+    layer = make_layer(cell, 8, 48, 2, batch_first=True, dtype=dtype, seed=5)
+    x = rng.standard_normal((batch, 12, 8)).astype(dtype)
+    state = random_state(rng, layer, batch, dtype)
+    dy = rng.standard_normal((batch, 12, 48)).astype(dtype)
+    dstate = random_state(rng, layer, batch, dtype, scale=1.0)
+    lengths = mixed_lengths(batch, 12, rng)
+    h0, c0 = split_state(state)
+    tol = {"rtol": 1e-4, "atol": 1e-5} if dtype == np.float32 else {"rtol": 1e-10, "atol": 1e-12}
+    for lens in (lengths, None):
+        ry, rhn, _ = reference_forward(cell, layer.params, x, h0=h0, c0=c0, lengths=lens)
+        results = {}
+        for threads in (1, 2, 4):
+            num_threads(threads)
+            results[threads] = run(layer, x, state, lens, dy, dstate)
+            np.testing.assert_allclose(results[threads][0][1], ry, **tol)
+            np.testing.assert_allclose(results[threads][1][1], rhn, **tol)
+        for threads in (2, 4):
+            for (name, a), (_, b) in zip(results[1], results[threads], strict=True):
+                msg = f"{name} on {threads} threads, lengths={lens is not None}"
                 np.testing.assert_array_equal(a, b, err_msg=msg)
 
 
