@@ -348,18 +348,23 @@ impl Plan {
 /// bit: the slices' products are the packed kernel's (more than
 /// [`crate::gemm::DOT_MAX_ROWS`] rows, hence the 3), whose rounding does not depend on the row
 /// count, and the input projection is made per sequence. In turns in one process, 2 threads
-/// (Intel Xeon, 2 MB of L2 a core), against one loop: inference took 0.60-0.69x the time for
-/// RNN at B=8, H=256, 0.6-0.9x for LSTM at H=128, 0.87-0.92x for GRU at B=8-16, H=256,
-/// 0.88-0.94x for LSTM at B=8-16, H=256 (1 MB of `W_hh`), 0.94-1.0x at B=32-64; training
+/// (Intel Xeon, 2 MB of L2 a core), against one loop: inference took 0.6-0.9x the time for LSTM
+/// at B=8, H=128, 0.87-0.92x for GRU at B=8-16, H=256, 0.88-0.94x for LSTM at B=8-16, H=256
+/// (1 MB of `W_hh`), 0.94-1.0x at B=32-64, 0.96-0.99x for RNN at B=32-64, H=512; training
 /// 0.90-0.96x (LSTM), 0.76-0.92x (GRU) at B=8. Past the L2 it lost: 1.02-1.03x for GRU at H=512
 /// (3 MB), 1.08-1.56x for LSTM at H=512, B=8-16 (4 MB); and with two directions, which the
-/// threads already share, 1.03-1.06x.
+/// threads already share, 1.03-1.06x. Not for calls under [`crate::threads::SHORT_CALL_FLOPS`],
+/// whose caller yields the cores to the threads while it waits (it is not asleep when they end):
+/// a slice's thread then waits for its core, with no other thread to take over its rows as a
+/// team's would take over its blocks. RNN inference at B=8, H=256 (157 MFLOP) took 0.57-0.65 ms
+/// in some processes and 1.13 ms in others, against 0.88 ms with one shared loop.
 fn slice_count<T: Float>(layer: &Layer, threads: usize) -> usize {
     let batch = layer.dims.batch;
     let by_batch = balanced((batch / SLICE_ROWS).max(1));
     let own = (threads / layer.directions).min(batch / (crate::gemm::DOT_MAX_ROWS + 1));
     let w_hh_bytes = layer.gh() * layer.dims.hidden * std::mem::size_of::<T>();
-    if own > by_batch && w_hh_bytes <= ROW_CUT_BYTES && PackedB::<T>::packs(batch.div_ceil(own), true) {
+    let long = layer.flops() >= crate::threads::SHORT_CALL_FLOPS;
+    if own > by_batch && long && w_hh_bytes <= ROW_CUT_BYTES && PackedB::<T>::packs(batch.div_ceil(own), true) {
         own
     } else {
         by_batch

@@ -242,8 +242,9 @@ const YIELD: Duration = Duration::from_micros(50);
 /// sleep after [`YIELD`]: yielding through every call, those of a few milliseconds (GRU at batch
 /// 8) had taken 0.99-1.13x the time, the caller taking turns on the cores with the two threads
 /// of the call's team. (Batch-1 and 2 forwards have since been led by the caller instead, see
-/// `led_by_caller` in `sweep.rs`: 0.82-0.85x the time again for LSTM and GRU inference.)
-const SHORT_CALL_FLOPS: usize = 200_000_000;
+/// `led_by_caller` in `sweep.rs`: 0.82-0.85x the time again for LSTM and GRU inference.) For the
+/// same reason, shorter calls keep one time loop shared by the team (`slice_count` in `sweep.rs`).
+pub(crate) const SHORT_CALL_FLOPS: usize = 200_000_000;
 const SHORT_CALL_YIELD: Duration = Duration::from_millis(2);
 
 /// `pool.install(f)` from a thread outside the pool, with a cheaper wait for the result.
