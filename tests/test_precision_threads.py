@@ -70,9 +70,9 @@ def test_one_thread_equals_two_threads(cell, batch, hidden, dtype, num_threads):
     own time loops. (The GEMM crates' rounding depends on a product's row count, see
     test_batch_composition_rounding_is_ulp_level, so this slicing depends on the batch alone, never
     on the thread count; for the slices made per thread see
-    test_slices_per_thread_same_as_one_loop.) At (64, 256), (40, 32) and (37, 136) each step is cut into
-    blocks of hidden units, of rows, or both, that the threads share; at (8, 200) into four blocks
-    of units (their count rounded up from three), the last one narrower.
+    test_slices_per_thread_same_as_one_loop.) At (64, 256), (40, 32) and (37, 136) each step is
+    cut into blocks of hidden units, of rows, or both, that the threads share; at (8, 200) into
+    four blocks of units (their count rounded up from three), the last one narrower.
     """
     rng = np.random.default_rng(batch)
     for batch_first in (True, False):
@@ -87,6 +87,22 @@ def test_one_thread_equals_two_threads(cell, batch, hidden, dtype, num_threads):
             for (name, a), (_, b) in zip(one, two, strict=True):
                 msg = f"{name} (batch_first={batch_first}, lengths={lens is not None})"
                 np.testing.assert_array_equal(a, b, err_msg=msg)
+
+
+def same_on_1_2_4_threads(num_threads, cell, layer, x, state, lengths, dy, dstate, tol, label=""):
+    """Forward and backward on 1, 2 and 4 threads: each against the reference's outputs within
+    `tol`, and 2 and 4 threads bitwise equal to 1."""
+    h0, c0 = split_state(state)
+    ry, rhn, _ = reference_forward(cell, layer.params, x, h0=h0, c0=c0, lengths=lengths)
+    results = {}
+    for threads in (1, 2, 4):
+        num_threads(threads)
+        results[threads] = run(layer, x, state, lengths, dy, dstate)
+        np.testing.assert_allclose(results[threads][0][1], ry, **tol)
+        np.testing.assert_allclose(results[threads][1][1], rhn, **tol)
+    for threads in (2, 4):
+        for (name, a), (_, b) in zip(results[1], results[threads], strict=True):
+            np.testing.assert_array_equal(a, b, err_msg=f"{name} on {threads} threads{label}")
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -107,20 +123,10 @@ def test_slices_per_thread_same_as_one_loop(cell, batch, dtype, num_threads):
     dy = rng.standard_normal((batch, steps, hidden)).astype(dtype)
     dstate = random_state(rng, layer, batch, dtype, scale=1.0)
     lengths = mixed_lengths(batch, steps, rng)
-    h0, c0 = split_state(state)
     tol = {"rtol": 1e-4, "atol": 1e-5} if dtype == np.float32 else {"rtol": 1e-10, "atol": 1e-12}
     for lens in (lengths, None):
-        ry, rhn, _ = reference_forward(cell, layer.params, x, h0=h0, c0=c0, lengths=lens)
-        results = {}
-        for threads in (1, 2, 4):
-            num_threads(threads)
-            results[threads] = run(layer, x, state, lens, dy, dstate)
-            np.testing.assert_allclose(results[threads][0][1], ry, **tol)
-            np.testing.assert_allclose(results[threads][1][1], rhn, **tol)
-        for threads in (2, 4):
-            for (name, a), (_, b) in zip(results[1], results[threads], strict=True):
-                msg = f"{name} on {threads} threads, lengths={lens is not None}"
-                np.testing.assert_array_equal(a, b, err_msg=msg)
+        label = f", lengths={lens is not None}"
+        same_on_1_2_4_threads(num_threads, cell, layer, x, state, lens, dy, dstate, tol, label)
 
 
 @pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
@@ -142,17 +148,8 @@ def test_calls_led_by_the_caller_same_on_1_2_4_threads(cell, batch, bidirectiona
     dy = rng.standard_normal((batch, 30, layer.num_directions * 136))
     dstate = random_state(rng, layer, batch, scale=1.0)
     lengths = np.array([27, 30][:batch])
-    h0, c0 = split_state(state)
-    ry, rhn, _ = reference_forward(cell, layer.params, x, h0=h0, c0=c0, lengths=lengths)
-    results = {}
-    for threads in (1, 2, 4):
-        num_threads(threads)
-        results[threads] = run(layer, x, state, lengths, dy, dstate)
-        np.testing.assert_allclose(results[threads][0][1], ry, rtol=1e-10, atol=1e-12)
-        np.testing.assert_allclose(results[threads][1][1], rhn, rtol=1e-10, atol=1e-12)
-    for threads in (2, 4):
-        for (name, a), (_, b) in zip(results[1], results[threads], strict=True):
-            np.testing.assert_array_equal(a, b, err_msg=f"{name} on {threads} threads")
+    tol = {"rtol": 1e-10, "atol": 1e-12}
+    same_on_1_2_4_threads(num_threads, cell, layer, x, state, lengths, dy, dstate, tol)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
